@@ -1,0 +1,41 @@
+# Two commands: `make lab` to learn, `make test` to check everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+KERNEL := distributed-inference
+PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
+             --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: lab test venv notebooks exercises benchmarks clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[lab,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) \
+	    --display-name "Python (distributed inference course)" >/dev/null
+	@echo "Starting JupyterLab on $(CURDIR); open the URL it prints (http://127.0.0.1:...)."
+	$(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 \
+	    --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests notebooks solutions exercises $(PYTEST_NB)
+
+# Regenerate exercises/ from solutions/, then re-execute every notebook in place.
+exercises: $(STAMP)
+	$(BIN)/python -m lessons_lib.exercises.stubs
+
+notebooks: exercises
+	$(BIN)/python scripts/execute_notebooks.py
+
+benchmarks: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

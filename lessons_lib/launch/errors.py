@@ -1,0 +1,31 @@
+"""The one exception a caller of :func:`run_distributed` sees when ranks fail."""
+
+from __future__ import annotations
+
+
+class DistributedError(RuntimeError):
+    """A distributed call failed on at least one rank.
+
+    Attributes:
+        rank: the first rank that failed (the first whose failure reached the caller).
+        kind: ``"exception"`` (``fn`` raised), ``"killed"`` (the process died),
+            ``"timeout"`` (no answer within ``timeout`` seconds, e.g. a hang in a
+            collective) or ``"unpicklable"`` (the return value cannot be sent back).
+        remote_type: name of the exception type raised on the rank, if any.
+        remote_traceback: the traceback text formatted on that rank, if any.
+        failed_ranks: every rank known to have failed when the call was stopped.
+    """
+
+    def __init__(self, message: str, *, rank: int, kind: str,
+                 remote_type: str | None = None, remote_traceback: str | None = None,
+                 failed_ranks: tuple[int, ...] = ()):
+        self.rank = rank
+        self.kind = kind
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+        self.failed_ranks = tuple(failed_ranks) or (rank,)
+        full = message
+        if remote_traceback:
+            full += f"\n\n--- traceback on rank {rank} ---\n{remote_traceback.rstrip()}"
+        super().__init__(full)
+        self.summary = message

@@ -1,0 +1,137 @@
+"""``run_distributed``: run one function on N ranks from a notebook cell."""
+
+from __future__ import annotations
+
+import atexit
+import numbers
+import os
+import sys
+import threading
+from collections import OrderedDict
+
+import cloudpickle
+
+from .errors import DistributedError
+from .pool import WorkerPool
+
+MAX_POOLS = 2   # warm pools kept at once (e.g. the 2-rank and the 4-rank one)
+_pools: "OrderedDict[tuple, WorkerPool]" = OrderedDict()
+_lock = threading.Lock()
+
+
+def max_world_size() -> int:
+    """Most ranks this machine hosts: four processes per core, at least eight."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def choose_backend(world_size: int) -> str:
+    """NCCL when every rank can have its own CUDA GPU, gloo otherwise."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def _validate(fn, world_size, timeout, backend) -> str:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a function run on every rank), got {type(fn).__name__}")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+        raise TypeError(f"world_size must be an int >= 1, got {world_size!r} ({type(world_size).__name__})")
+    if world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size}")
+    if world_size > max_world_size():
+        raise ValueError(f"world_size={world_size} is more ranks than this machine can host: "
+                         f"choose 1 to {max_world_size()}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if backend is None:
+        return choose_backend(world_size)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or None (choose automatically), got {backend!r}")
+    if backend == "nccl" and choose_backend(world_size) != "nccl":
+        raise ValueError(f"backend='nccl' needs {world_size} CUDA GPUs; use backend='gloo' or None")
+    return backend
+
+
+def _pool_for(world_size: int, backend: str) -> WorkerPool:
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    key = (world_size, backend, threads)
+    pool = _pools.pop(key, None)
+    if pool is not None and not pool.alive():
+        pool.close(kill=True)
+        pool = None
+    while len(_pools) >= MAX_POOLS:
+        _, oldest = _pools.popitem(last=False)
+        oldest.close()
+    if pool is None:
+        pool = WorkerPool(world_size, backend, threads)
+    _pools[key] = pool
+    return pool
+
+
+def _print_rank_output(outputs: list[dict]) -> None:
+    """Each rank's text, prefixed by its rank, in rank order: the same every run."""
+    for stream_name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        for rank, streams in enumerate(outputs):
+            text = "".join(streams[stream_name])
+            for line in text.splitlines():
+                stream.write(f"[rank{rank}] {line}\n")
+        stream.flush()
+
+
+def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results in rank order.
+
+    Inside ``fn``, ``torch.distributed`` is initialised (gloo on CPU; NCCL when there
+    is one CUDA GPU per rank, each rank on ``cuda:<rank>``), so ``dist.get_rank()``
+    and the collectives work. ``fn`` may be defined in a notebook cell: it is
+    serialised by value. Each rank's printed output is shown afterwards, prefixed
+    ``[rankN]``, rank by rank.
+
+    Ranks are kept warm between calls with the same ``world_size``; any failure
+    stops them all and raises one :class:`DistributedError` naming the first
+    failing rank, with its traceback. ``timeout`` (seconds) bounds the call: a rank
+    that hangs, for example in a collective another rank never joins, ends it.
+    ``KeyboardInterrupt`` (a kernel interrupt) stops every rank too.
+    """
+    backend = _validate(fn, world_size, timeout, backend)
+    try:
+        payload = cloudpickle.dumps((fn, args, kwargs))
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(f"fn and its arguments must be picklable to reach the ranks: "
+                        f"{type(exc).__name__}: {exc}") from None
+    outputs = [{"stdout": [], "stderr": []} for _ in range(world_size)]
+    with _lock:
+        pool = _pool_for(world_size, backend)
+        try:
+            raw = pool.call(payload, float(timeout), outputs)
+        except BaseException:
+            _pools.pop((pool.world_size, pool.backend, pool.threads), None)
+            pool.close(kill=True)
+            _print_rank_output(outputs)
+            raise
+        if not pool.group_alive:  # fn tore the group down: start afresh next time
+            _pools.pop((pool.world_size, pool.backend, pool.threads), None)
+            pool.close()
+    _print_rank_output(outputs)
+    results = []
+    for rank, data in enumerate(raw):
+        try:
+            results.append(cloudpickle.loads(data))
+        except Exception as exc:  # noqa: BLE001
+            raise DistributedError(f"rank {rank}'s return value cannot be rebuilt in the caller "
+                                   f"({type(exc).__name__}: {exc})", rank=rank,
+                                   kind="unpicklable") from None
+    return results
+
+
+def shutdown() -> None:
+    """Stop every warm pool (also done when the interpreter exits)."""
+    with _lock:
+        while _pools:
+            _, pool = _pools.popitem()
+            pool.close()
+
+
+atexit.register(shutdown)

@@ -1,0 +1,131 @@
+"""The exercise pipeline: solution -> exercise generation, check(), and every check run for real."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from lessons_lib.exercises import HISTORY, Incorrect, check, exercise, registered
+from lessons_lib.exercises.stubs import exercise_path, make_exercise, strip_cell_source
+
+pytestmark = pytest.mark.lesson00
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+VERDICT = re.compile(r"^\S+ \[(?P<id>[\w.]+)\] (?P<status>correct|incorrect|not attempted)\b", re.M)
+
+
+# -- generating exercises --------------------------------------------------------------
+def test_a_solution_region_becomes_a_stub_at_its_indentation():
+    source = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\nprint(1)"
+    stripped, top_level = strip_cell_source(source)
+    assert stripped == "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\nprint(1)"
+    assert not top_level
+
+
+def test_a_top_level_region_is_flagged_and_markdown_gets_a_placeholder():
+    _, top_level = strip_cell_source("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")
+    assert top_level
+    text, _ = strip_cell_source("Answer:\n### BEGIN SOLUTION\nIt is 4.\n### END SOLUTION", markdown=True)
+    assert text == "Answer:\nYOUR ANSWER HERE"
+
+
+@pytest.mark.parametrize("source, words", [
+    ("### BEGIN SOLUTION\nx = 1", "never closed"),
+    ("x = 1\n### END SOLUTION", "without a matching"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION", "inside another"),
+])
+def test_unbalanced_markers_are_errors_naming_the_cell(source, words):
+    with pytest.raises(ValueError, match=f"nb.ipynb, cell 3: .*{words}"):
+        strip_cell_source(source, where="nb.ipynb, cell 3")
+
+
+def test_generated_top_level_stub_cells_are_tagged_for_nbval():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")])
+    assert make_exercise(nb).cells[0].metadata["tags"] == ["raises-exception"]
+
+
+def test_every_solution_has_at_least_one_region_and_one_check():
+    assert SOLUTIONS, "no solution notebooks"
+    for path in SOLUTIONS:
+        text = path.read_text()
+        assert "### BEGIN SOLUTION" in text and "check(" in text, path.name
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.name)
+def test_exercises_are_generated_from_the_current_solutions(solution):
+    expected = make_exercise(nbformat.read(solution, as_version=4))
+    committed = nbformat.read(exercise_path(solution), as_version=4)
+    assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in committed.cells] == \
+           [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in expected.cells], \
+        "exercises/ is out of date: run `make exercises` (then `make notebooks`)"
+    assert "BEGIN SOLUTION" not in exercise_path(solution).read_text()
+
+
+def test_committed_notebooks_are_executed():
+    for folder in ("notebooks", "solutions", "exercises"):
+        for path in (ROOT / folder).glob("*.ipynb"):
+            nb = nbformat.read(path, as_version=4)
+            code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+            assert all(c.execution_count for c in code), f"{folder}/{path.name}: run `make notebooks`"
+
+
+# -- check() ---------------------------------------------------------------------------
+@exercise("test.double", "double a number")
+def _check_double(candidate):
+    for x in (0, 3, -2):
+        if candidate(x) != 2 * x:
+            raise Incorrect(f"double({x}) returned {candidate(x)}, expected {2 * x}")
+    return "doubles"
+
+
+def _stub(x):
+    raise NotImplementedError()
+
+
+@pytest.mark.parametrize("candidate, status, words", [
+    (lambda x: 2 * x, "correct", "doubles"),
+    (lambda x: x + x + (x == 3), "incorrect", "double(3) returned 7, expected 6"),
+    (lambda x: 1 / 0, "incorrect", "raised ZeroDivisionError"),
+    (_stub, "not attempted", "NotImplementedError"),
+])
+def test_check_reports_each_verdict_without_raising(candidate, status, words, capsys):
+    check("test.double", candidate)
+    result = HISTORY[-1]
+    assert (result.exercise, result.status) == ("test.double", status)
+    assert words in result.message
+    assert f"[test.double] {status}" in capsys.readouterr().out
+
+
+def test_check_with_an_unknown_id_lists_the_known_ones():
+    check("99.nope", _stub)
+    assert HISTORY[-1].status == "incorrect"
+    assert "00.sum_of_squares" in HISTORY[-1].message
+
+
+def test_every_registered_exercise_is_checked_in_some_solution():
+    ids = {i for i in registered() if not i.startswith("test.")}
+    used = set()
+    for path in SOLUTIONS:
+        used |= set(re.findall(r'check\(\\?"([\w.]+)\\?"', path.read_text()))
+    assert ids == used
+
+
+# -- every check, run for real, against the solution and against the stub ---------------
+def _verdicts(nb) -> list[tuple[str, str]]:
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "solutions")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs if o.output_type == "stream")
+    return [(m["id"], m["status"]) for m in VERDICT.finditer(text)]
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.name)
+def test_solution_passes_every_check_and_the_stub_passes_none(solution):
+    source = nbformat.read(solution, as_version=4)
+    expected_ids = re.findall(r'check\("([\w.]+)"', "\n".join(c.source for c in source.cells))
+    solved = _verdicts(source)
+    assert solved == [(i, "correct") for i in expected_ids]
+    stubbed = _verdicts(make_exercise(source))
+    assert stubbed == [(i, "not attempted") for i in expected_ids]

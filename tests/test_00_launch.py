@@ -1,0 +1,222 @@
+"""run_distributed: results, output, failures, cleanup, bad inputs, torchrun."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lessons_lib import DistributedError, run_distributed
+from lessons_lib.hello import allreduce_rank_ids
+from lessons_lib.launch import init_from_env, shutdown
+
+pytestmark = pytest.mark.lesson00
+
+
+def live_children() -> list[int]:
+    """PIDs of this process's children that are still running (zombies excluded)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def rank_and_pid():
+    return dist.get_rank(), dist.get_world_size(), os.getpid()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_results_come_back_in_rank_order(world_size):
+    results = run_distributed(rank_and_pid, world_size)
+    assert [r[:2] for r in results] == [(rank, world_size) for rank in range(world_size)]
+    assert len({r[2] for r in results}) == world_size  # one process per rank
+
+
+def test_a_function_defined_here_runs_by_value_with_args_and_kwargs():
+    offset = 10
+
+    def shifted_sum(scale, *, bias):
+        t = torch.tensor([float(dist.get_rank() * scale + bias + offset)])
+        dist.all_reduce(t)
+        return t.item()
+
+    # ranks 0..3: sum(r*2 + 1 + 10) = 2*6 + 4*11 = 56
+    assert run_distributed(shifted_sum, 4, 2, bias=1) == [56.0] * 4
+
+
+def test_output_is_prefixed_and_in_rank_order(capsys):
+    def chatty():
+        rank = dist.get_rank()
+        time.sleep(0.05 * (3 - rank))  # later ranks finish first
+        print(f"hello from {rank}")
+        print(f"warning {rank}", file=sys.stderr)
+
+    run_distributed(chatty, 3)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"[rank{r}] hello from {r}" for r in range(3)]
+    assert err.splitlines() == [f"[rank{r}] warning {r}" for r in range(3)]
+
+
+def test_warm_pool_is_reused_and_fast():
+    first = run_distributed(rank_and_pid, 2)
+    start = time.perf_counter()
+    second = run_distributed(rank_and_pid, 2)
+    assert time.perf_counter() - start < 5.0  # no process start, no import torch
+    assert [r[2] for r in first] == [r[2] for r in second]
+
+
+def test_allreduce_of_rank_ids_matches_formula():
+    assert run_distributed(allreduce_rank_ids, 4) == [6, 6, 6, 6]
+
+
+def test_a_raising_rank_is_named_and_everything_is_stopped():
+    def fails_on_rank_two():
+        if dist.get_rank() == 2:
+            raise ValueError("rank two is broken")
+        t = torch.ones(1)
+        dist.all_reduce(t)  # the healthy ranks wait here for rank 2
+        return t.item()
+
+    before = run_distributed(rank_and_pid, 4)
+    with pytest.raises(DistributedError) as info:
+        run_distributed(fails_on_rank_two, 4, timeout=60)
+    err = info.value
+    assert (err.rank, err.kind, err.remote_type) == (2, "exception", "ValueError")
+    assert "rank two is broken" in err.remote_traceback
+    assert "fails_on_rank_two" in err.remote_traceback
+    assert not live_children() or set(live_children()).isdisjoint(p for *_, p in before)
+    after = run_distributed(rank_and_pid, 4)  # a fresh pool starts
+    assert {p for *_, p in after}.isdisjoint(p for *_, p in before)
+
+
+def test_a_killed_rank_is_reported_quickly():
+    def rank_one_dies():
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+
+    start = time.perf_counter()
+    with pytest.raises(DistributedError) as info:
+        run_distributed(rank_one_dies, 3, timeout=30)
+    assert time.perf_counter() - start < 30
+    assert (info.value.rank, info.value.kind) == (1, "killed")
+    assert "SIGKILL" in str(info.value)
+    shutdown()
+    assert live_children() == []
+
+
+def test_a_hang_in_a_collective_times_out():
+    def rank_zero_waits_alone():
+        if dist.get_rank() == 0:
+            dist.all_reduce(torch.ones(1))  # rank 1 never joins
+        return "done"
+
+    start = time.perf_counter()
+    with pytest.raises(DistributedError) as info:
+        run_distributed(rank_zero_waits_alone, 2, timeout=2)
+    elapsed = time.perf_counter() - start
+    assert 2 <= elapsed < 10
+    assert (info.value.rank, info.value.kind, info.value.failed_ranks) == (0, "timeout", (0,))
+    assert "timeout=2" in str(info.value)
+    shutdown()
+    assert live_children() == []
+
+
+def test_keyboard_interrupt_stops_all_ranks():
+    def sleeps():
+        time.sleep(60)
+
+    run_distributed(rank_and_pid, 2)  # warm, so the interrupt lands while waiting on the call
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_distributed(sleeps, 2, timeout=120)
+    assert time.perf_counter() - start < 10
+    assert live_children() == []
+
+
+def test_an_unpicklable_return_value_is_a_clear_error():
+    def returns_a_lock():
+        return threading.Lock()
+
+    with pytest.raises(DistributedError, match="cannot be sent back") as info:
+        run_distributed(returns_a_lock, 2)
+    assert info.value.kind == "unpicklable"
+
+
+def test_no_temporary_files_are_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    shutdown()
+
+    def fails():
+        raise RuntimeError("boom")
+
+    run_distributed(rank_and_pid, 2)
+    with pytest.raises(DistributedError):
+        run_distributed(fails, 2)
+    shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("world_size, error, words", [
+    (0, ValueError, "world_size must be an int >= 1"),
+    (-3, ValueError, "world_size must be an int >= 1"),
+    (2.0, TypeError, "world_size must be an int"),
+    ("2", TypeError, "world_size must be an int"),
+    (True, TypeError, "world_size must be an int"),
+    (10_000, ValueError, "world_size=10000 is more ranks"),
+])
+def test_bad_world_size(world_size, error, words):
+    with pytest.raises(error, match=words):
+        run_distributed(rank_and_pid, world_size)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5", None, True])
+def test_bad_timeout(timeout):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        run_distributed(rank_and_pid, 2, timeout=timeout)
+
+
+def test_bad_fn_and_backend():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        run_distributed("not a function", 2)
+    with pytest.raises(ValueError, match="backend must be 'gloo', 'nccl' or None"):
+        run_distributed(rank_and_pid, 2, backend="mpi")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="backend='nccl' needs 2 CUDA GPUs"):
+            run_distributed(rank_and_pid, 2, backend="nccl")
+
+
+def test_unpicklable_arguments_are_a_clear_error():
+    with pytest.raises(TypeError, match="must be picklable"):
+        run_distributed(rank_and_pid, 2, threading.Lock())
+
+
+def test_init_from_env_outside_torchrun_says_how_to_launch(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --standalone"):
+        init_from_env()
+
+
+def test_the_same_worker_code_runs_under_torchrun():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "lessons_lib.hello"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in range(2):
+        assert f"rank {rank} of 2: sum of rank ids = 1" in done.stdout
