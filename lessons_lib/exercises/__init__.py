@@ -11,9 +11,14 @@ that runs the learner's code against the course's reference and reports one of:
 state the answers are in.
 """
 
+import importlib
+import pkgutil
+
 from .check import HISTORY, CheckResult, Incorrect, check, exercise, registered
 
-# Importing the lesson modules registers their checkers.
-from . import lesson00  # noqa: E402,F401
+# Each lesson's checkers live in ``lessonNN.py``; importing the module registers them.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name.startswith("lesson"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["HISTORY", "CheckResult", "Incorrect", "check", "exercise", "registered"]

@@ -10,8 +10,8 @@ A solution notebook marks each answer the nbgrader way::
 The exercise notebook is the same notebook with every such region replaced by
 a stub that raises ``NotImplementedError`` (markdown regions become
 "YOUR ANSWER HERE") and all outputs cleared. Run
-``python -m lessons_lib.exercises.stubs`` to regenerate ``exercises/`` from
-``solutions/``; a test fails when the two are out of step.
+``python -m lessons_lib.exercises.stubs [solutions/NN_topic.ipynb ...]`` to
+regenerate ``exercises/`` from ``solutions/``; a test fails when the two are out of step.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def exercise_path(solution_path: Path) -> Path:
     return solution_path.parent.parent / "exercises" / solution_path.name
 
 
-def main(root: Path = Path(".")) -> int:
-    solutions = sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb"))
+def main(argv: list[str]) -> int:
+    """Regenerate the exercises of the given solution notebooks (default: all of solutions/)."""
+    solutions = [Path(p) for p in argv] or sorted(Path("solutions").glob("[0-9][0-9]_*.ipynb"))
     for path in solutions:
         nb = make_exercise(nbformat.read(path, as_version=4), name=str(path))
         target = exercise_path(path)
@@ -88,4 +89,4 @@ def main(root: Path = Path(".")) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
