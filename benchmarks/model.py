@@ -1,0 +1,70 @@
+"""Decode speed of the tiny LM with and without the KV cache.
+
+    python benchmarks/model.py
+
+Batch 1, a short prompt, greedy decoding. Without the cache every step re-runs the
+whole sequence so far, so the cost of a step grows with its length; with the
+cache a step runs one token. The table also splits the cached run into prefill
+(the prompt's single forward pass) and decode (all later steps).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lessons_lib.model import generate, load_tiny_lm
+
+PROMPT = "Rank 0 runs"
+NEW_TOKENS = (64, 256, 512)
+REPEATS = 3
+
+
+def best_run(model, ids, new_tokens: int, use_cache: bool) -> dict:
+    """The fastest of ``REPEATS`` runs (the least disturbed by other work on the machine)."""
+    best = None
+    for _ in range(REPEATS):
+        timings: dict = {}
+        start = time.perf_counter()
+        out = generate(model, ids, new_tokens, use_cache=use_cache, timings=timings)
+        timings["total_s"] = time.perf_counter() - start
+        assert out.shape[1] == ids.shape[1] + new_tokens
+        if best is None or timings["total_s"] < best["total_s"]:
+            best = timings
+    return best
+
+
+def main() -> None:
+    # One thread: batch-1 decode of a model this small gains nothing from more,
+    # and a multi-threaded step stalls badly when other jobs share the cores.
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    load_times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        model, tok = load_tiny_lm()
+        load_times.append(time.perf_counter() - start)
+    print(f"checkpoint load: best {min(load_times) * 1e3:.0f} ms of {REPEATS} "
+          f"(goal: under 1 s: {'met' if min(load_times) < 1 else 'NOT met'})")
+    ids = torch.tensor([tok.encode(PROMPT)])
+    generate(model, ids, 8)                            # warm-up: first calls allocate and dispatch
+    print(f"tiny LM, batch 1, prompt {ids.shape[1]} tokens, greedy, {torch.get_num_threads()} threads, "
+          f"best of {REPEATS}")
+    header = (f"{'new tokens':>10} | {'cached tok/s':>12} | {'uncached tok/s':>14} | {'speedup':>7} | "
+              f"{'prefill ms':>10} | {'decode ms':>9} | {'decode share':>12}")
+    print(header)
+    print("-" * len(header))
+    for n in NEW_TOKENS:
+        cached = best_run(model, ids, n, use_cache=True)
+        uncached = best_run(model, ids, n, use_cache=False)
+        # Decode rate: the n - 1 tokens after the first, which comes from prefill.
+        rate_c = (n - 1) / cached["decode_s"]
+        rate_u = (n - 1) / uncached["decode_s"]
+        share = cached["decode_s"] / (cached["prefill_s"] + cached["decode_s"])
+        print(f"{n:>10} | {rate_c:>12.0f} | {rate_u:>14.0f} | {rate_c / rate_u:>6.1f}x | "
+              f"{cached['prefill_s'] * 1e3:>10.2f} | {cached['decode_s'] * 1e3:>9.1f} | {share:>11.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Autoregressive generation: prefill the prompt, then decode one token at a time.
+
+:func:`generate` talks to the model only through
+``model(ids, positions=..., attention_mask=..., cache=...)``, so a tensor- or
+pipeline-parallel wrapper with the same call can be passed in its place.
+
+Two phases, with very different costs:
+
+* prefill: the whole prompt in one forward pass (compute-bound, parallel over tokens);
+* decode: one forward pass per new token (memory-bound, strictly sequential).
+  The KV cache makes each decode step cost one token's worth of work instead of
+  re-running every earlier token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import KVCache
+from .llama import make_positions
+
+
+def sample_next_token(logits: torch.Tensor, *, greedy: bool = True, temperature: float = 1.0,
+                      top_k: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token id per row of ``logits`` (batch, vocab).
+
+    Greedy takes the arg-max. Sampling divides the logits by ``temperature``
+    (below 1 sharpens, above 1 flattens), keeps the ``top_k`` largest if asked,
+    and draws from the softmax with ``generator`` so a seed fixes the draw.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens: the prompt needs at least one (e.g. BOS)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0 (use greedy=True for arg-max)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+                             f"input_ids shape {tuple(input_ids.shape)}")
+        if not bool((attention_mask.sum(dim=1) > 0).all()):
+            raise ValueError("attention_mask has a row with no real tokens (all zeros)")
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
+             attention_mask: torch.Tensor | None = None, greedy: bool = True,
+             temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+             use_cache: bool = True, eos_id: int | None = None,
+             timings: dict | None = None) -> torch.Tensor:
+    """Extend each row of ``input_ids`` by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: anything called as ``model(ids, positions=, attention_mask=, cache=)``
+            that returns logits (batch, seq, vocab).
+        input_ids: (batch, prompt_len) prompt ids, padded on either side.
+        attention_mask: (batch, prompt_len), 1 for real tokens and 0 for padding.
+        greedy: arg-max decoding; ``False`` samples with ``temperature`` and ``top_k``.
+        seed: seeds a private ``torch.Generator``, so sampling is reproducible
+            and does not disturb the global random state.
+        use_cache: keep keys and values between steps (the fast path). Greedy
+            output is the same token for token either way.
+        eos_id: a row that emits it is finished and is filled with it after;
+            generation stops early once every row is finished.
+        timings: if a dict is given, ``prefill_s`` and ``decode_s`` (seconds) are
+            written into it.
+
+    Returns:
+        (batch, prompt_len + new) ids: the prompt, padding included, then the
+        new tokens. New tokens go after any right padding; the mask keeps the pads
+        invisible and positions ignore them.
+    """
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k)
+    batch = input_ids.shape[0]
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.long())
+    generator = None
+    if not greedy and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    cache = None
+    if use_cache:
+        cache = model.new_cache() if hasattr(model, "new_cache") else KVCache()
+
+    ids = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    prefill_s = decode_s = 0.0
+    for step in range(max_new_tokens):
+        start = time.perf_counter()
+        # With a cache, only the tokens the model has not seen yet are fed in.
+        step_ids = ids[:, -1:] if (use_cache and step > 0) else ids
+        q_len = step_ids.shape[1]
+        logits = model(step_ids, positions=make_positions(mask, q_len),
+                       attention_mask=mask, cache=cache)
+        # Read each row's logits at its last real token: with right padding that
+        # is not the last column in the first step.
+        last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
+        last_logits = logits[torch.arange(batch, device=logits.device), last]
+        next_ids = sample_next_token(last_logits, greedy=greedy, temperature=temperature,
+                                     top_k=top_k, generator=generator)
+        if eos_id is not None:
+            next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+            finished |= next_ids == eos_id
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            prefill_s += elapsed
+        else:
+            decode_s += elapsed
+        if eos_id is not None and bool(finished.all()):
+            break
+    if timings is not None:
+        timings.update(prefill_s=prefill_s, decode_s=decode_s)
+    return ids

@@ -1,0 +1,103 @@
+"""The KV cache: keys and values of past tokens, kept so decoding is O(n) per step.
+
+Without a cache, producing token n+1 re-runs attention over all n tokens, so a
+sequence of n tokens costs O(n^2) layer passes. With it, each step runs the model
+on one new token and appends that token's keys and values to what is stored.
+
+The cache takes every shape from the tensors it receives, never from a config:
+under tensor parallelism a rank holds only its own KV heads, and under pipeline
+parallelism a stage fills only the layers it owns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, shape (batch, n_kv_heads, seq, head_dim)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys and values; return everything stored so far."""
+        if k.shape != v.shape or k.dim() != 4:
+            raise ValueError(f"k and v must both be (batch, kv_heads, seq, head_dim); got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+                raise ValueError(f"new keys {tuple(k.shape)} do not match cached keys "
+                                 f"{tuple(self.k.shape)} in batch, kv_heads or head_dim")
+            # torch.cat copies the whole cache each step; production engines
+            # preallocate (or page) the buffer instead. Clarity wins here.
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per layer, indexed by absolute layer index.
+
+    A pipeline stage that owns layers 2 and 3 uses only ``cache[2]`` and
+    ``cache[3]``; the others stay empty and cost nothing. With ``n_layers=None``
+    the cache grows a slot the first time a layer index is asked for, so code
+    that does not know the depth of the model (like :func:`generate` driving a
+    parallel wrapper) can still make one.
+    """
+
+    def __init__(self, n_layers: int | None = None) -> None:
+        if n_layers is not None and (not isinstance(n_layers, int) or n_layers < 1):
+            raise ValueError(f"n_layers={n_layers!r} must be a positive integer or None")
+        self.fixed = n_layers is not None
+        self.layers = [LayerKVCache() for _ in range(n_layers or 0)]
+
+    def __getitem__(self, i: int) -> LayerKVCache:
+        if not isinstance(i, int) or i < 0:
+            raise IndexError(f"layer index {i!r} must be a non-negative integer")
+        if i >= len(self.layers):
+            if self.fixed:
+                raise IndexError(f"layer index {i} is out of range for a cache of "
+                                 f"{len(self.layers)} layers")
+            self.layers.extend(LayerKVCache() for _ in range(i + 1 - len(self.layers)))
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens cached so far (read from the first layer that holds any)."""
+        for layer in self.layers:
+            if layer.k is not None:
+                return layer.seq_len
+        return 0
+
+    def nbytes(self) -> int:
+        """Bytes held by every cached key and value tensor."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"KVCache(n_layers={len(self)}, seq_len={self.seq_len}, nbytes={self.nbytes()})"
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the KV cache grows by for each token of each sequence.
+
+    2 (one key and one value) x layers x KV heads x head_dim x bytes per element.
+    With GQA the cache scales with ``n_kv_heads``, not ``n_heads``.
+    """
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * element

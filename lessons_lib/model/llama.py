@@ -1,0 +1,251 @@
+"""A tiny Llama-style decoder in plain PyTorch.
+
+Pieces, in the order a token meets them: an embedding, ``n_layers`` decoder
+blocks (RMSNorm -> grouped-query attention with rotary positions -> residual,
+RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and an untied LM head.
+
+The model knows nothing of parallelism; it is built so parallelism can be
+applied from outside:
+
+* Tensor parallel: attention reads its head counts off the projected tensors and
+  the MLP never looks at its hidden width, so swapping ``q/k/v_proj``,
+  ``gate/up_proj`` for column shards and ``o_proj``, ``down_proj`` for row shards
+  needs no change here.
+* Pipeline parallel: the forward is ``embed -> layers -> norm -> lm_head`` with
+  ``positions`` and the attention mask built by public helpers, so a stage can
+  run any slice of ``model.layers`` exactly as :meth:`TinyLM.forward` would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache, LayerKVCache
+
+
+def make_positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Position ids of the last ``q_len`` columns of a padding mask.
+
+    ``attention_mask`` is (batch, total_len): 1 for a real token, 0 for padding,
+    covering cached tokens too. A token's position is the number of real tokens
+    before it, so padding never shifts positions and a left-padded row gets the
+    same positions as the sequence run alone. Pad columns get a harmless
+    position; their outputs are never used.
+    """
+    positions = attention_mask.long().cumsum(dim=1) - 1
+    return positions.clamp(min=0)[:, -q_len:]
+
+
+def make_attention_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (batch, 1, q_len, total_len) mask: True where a query may attend a key.
+
+    A query attends keys that are (a) not after it (causal) and (b) real tokens.
+    Every query may also attend itself, so a pad query's row is never all-masked:
+    an all-masked row gives a softmax of NaN, and a NaN key or value in the cache
+    would poison real rows too (0 x NaN is NaN).
+    """
+    batch, total = attention_mask.shape
+    past = total - q_len
+    q_idx = torch.arange(past, total, device=attention_mask.device)[:, None]
+    k_idx = torch.arange(total, device=attention_mask.device)[None, :]
+    causal = k_idx <= q_idx                                        # (q_len, total)
+    real_key = attention_mask.bool()[:, None, None, :]            # (batch, 1, 1, total)
+    return (causal & real_key) | (k_idx == q_idx)
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain.
+
+    Cheaper than LayerNorm (no mean subtraction, no bias) and what Llama uses.
+    Computed in float32 so low-precision inputs do not lose the small variances.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x * rsqrt(mean(x^2) + eps) * weight, fused into one call.
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines for rotary embeddings, shape (batch, 1, seq, head_dim).
+
+    Feature pair i rotates by angle ``position * theta ** (-2i / head_dim)``: fast
+    for early pairs, slow for late ones. Computed from ``positions`` each call, so
+    padded and cached sequences need no special table.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
+                                       dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq                # (batch, seq, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]            # (batch, 1, seq, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (x_i, x_{i+d/2}) of ``x`` (batch, heads, seq, head_dim).
+
+    Rotating q and k by their positions makes q.k depend only on the distance
+    between the two tokens: relative position, for free, inside attention.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Head counts come from the tensors, not the config: under tensor
+        # parallelism this rank's projections produce only its share of heads.
+        n_heads = q.shape[-1] // self.head_dim
+        n_kv = k.shape[-1] // self.head_dim
+        if n_heads % n_kv:
+            raise ValueError(f"local query heads ({n_heads}) must be a multiple of local "
+                             f"KV heads ({n_kv}); check how q_proj and k_proj were sharded")
+        q = q.view(batch, seq, n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, n_kv, self.head_dim).transpose(1, 2)
+
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)          # now (batch, n_kv, past + seq, head_dim)
+
+        # softmax(q k^T / sqrt(head_dim), masked) v in one fused call, which
+        # matters when decoding one token at a time is dominated by per-op
+        # overhead. enable_gqa: each KV head serves n_heads // n_kv consecutive
+        # query heads, as k.repeat_interleave(n_heads // n_kv, dim=1) would.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             enable_gqa=n_heads != n_kv)
+        out = out.transpose(1, 2).reshape(batch, seq, n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    The gate decides, feature by feature, how much of ``up(x)`` passes. The hidden
+    width is whatever ``gate_proj`` produces, so column shards work unchanged.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, *, positions: torch.Tensor, attn_mask: torch.Tensor,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), positions, attn_mask, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TinyLM(nn.Module):
+    """The course's decoder-only language model.
+
+    ``forward(input_ids, positions=None, attention_mask=None, cache=None)`` returns
+    logits (batch, seq, vocab). With a ``cache`` holding ``past`` tokens,
+    ``input_ids`` are the new tokens only and ``attention_mask`` covers
+    ``past + seq`` columns.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Untied from the embedding so tensor parallelism can shard each on its own.
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # Scale the projections that write into the residual stream so its
+        # variance does not grow with depth (GPT-2's recipe).
+        for layer in self.layers:
+            for proj in (layer.attn.o_proj, layer.mlp.down_proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache with one slot per layer."""
+        return KVCache(len(self.layers))
+
+    def prepare_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the inputs and return ``(positions, attn_mask)`` for every layer.
+
+        Public so a pipeline stage that runs only some layers builds the very same
+        positions and mask as the whole model does.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=input_ids.device)
+        if tuple(attention_mask.shape) != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                f"(batch, cached + new) = ({batch}, {past} + {seq})")
+        if positions is None:
+            positions = make_positions(attention_mask, seq)
+        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond "
+                             f"max_seq_len={self.config.max_seq_len}")
+        return positions, make_attention_mask(attention_mask, seq)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                ) -> torch.Tensor:
+        positions, attn_mask = self.prepare_inputs(input_ids, positions, attention_mask, cache)
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions=positions, attn_mask=attn_mask,
+                      cache=cache[i] if cache is not None else None)
+        return self.lm_head(self.norm(h))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar weights in ``model``."""
+    return sum(p.numel() for p in model.parameters())
