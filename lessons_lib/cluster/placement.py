@@ -1,0 +1,147 @@
+"""Topology-aware placement: which physical device runs which rank of a TP x PP x DP plan.
+
+A cluster is ``nodes`` machines of ``devices_per_node`` GPUs. Inside a node GPUs talk
+over NVLink (hundreds of GB/s); between nodes over InfiniBand or Ethernet (tens of
+GB/s per port). The parallel plan decides how much each group talks:
+
+* a tensor-parallel (TP) group all-reduces activations twice per layer, every token;
+* a pipeline (PP) boundary sends one activation per token;
+* data-parallel (DP) replicas do not talk at all at inference.
+
+So a good placement keeps every TP group inside one node and lets PP cross nodes.
+Ranks come from the course's one grid, ``mesh_grid(tp, pp, dp)`` of
+:mod:`lessons_lib.parallel.mesh`: rank ``r`` has coordinates ``(dp, pp, tp)``. A
+placement assigns each rank a ``(node, device)``; :func:`place_ranks` fills devices
+in the nesting order you give it, ``("dp", "pp", "tp")`` meaning tp varies fastest.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..parallel.mesh import groups_along, mesh_grid
+
+AXES = ("dp", "pp", "tp")
+GOOD_ORDER = ("dp", "pp", "tp")   # TP peers on adjacent devices: inside a node
+BAD_ORDER = ("tp", "dp", "pp")    # PP stages adjacent, TP peers a whole node apart
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``devices[rank] = (node, device)``, plus the plan it realises."""
+
+    nodes: int
+    devices_per_node: int
+    tp: int
+    pp: int
+    dp: int
+    devices: tuple
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """``(dp, pp, tp)`` coordinates of ``rank`` in the mesh grid."""
+        return (rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp)
+
+    def groups(self, axis: str) -> list[list[int]]:
+        return groups_along(mesh_grid(self.tp, self.pp, self.dp), axis)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_plan(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int) -> None:
+    for name, value in (("nodes", nodes), ("devices_per_node", devices_per_node), ("tp", tp),
+                        ("pp", pp), ("dp", dp)):
+        _positive(name, value)
+    if tp * pp * dp != nodes * devices_per_node:
+        raise ValueError(f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} ranks, but the cluster has "
+                         f"nodes x devices_per_node = {nodes} x {devices_per_node} = "
+                         f"{nodes * devices_per_node} devices: they must be equal")
+
+
+def place_ranks(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int = 1,
+                order: tuple = GOOD_ORDER) -> Placement:
+    """Assign ranks to devices, filling devices in order (node 0 device 0, node 0 device 1, ...).
+
+    ``order`` lists the three axes outermost first; the last varies fastest on
+    consecutive devices. The default ``("dp", "pp", "tp")`` puts TP peers side by side,
+    so a TP group of size ``<= devices_per_node`` (dividing it) stays in one node.
+    """
+    check_plan(nodes, devices_per_node, tp, pp, dp)
+    if sorted(order) != sorted(AXES):
+        raise ValueError(f"order must be a permutation of {AXES}, got {order!r}")
+    sizes = {"dp": dp, "pp": pp, "tp": tp}
+    devices = [None] * (tp * pp * dp)
+    slot = 0
+    for combo in itertools.product(*(range(sizes[a]) for a in order)):
+        c = dict(zip(order, combo))
+        rank = (c["dp"] * pp + c["pp"]) * tp + c["tp"]
+        devices[rank] = divmod(slot, devices_per_node)
+        slot += 1
+    return Placement(nodes, devices_per_node, tp, pp, dp, tuple(devices))
+
+
+def check_placement(placement: Placement) -> None:
+    """Every rank on a real device, no device used twice (a ValueError says which)."""
+    p = placement
+    if len(p.devices) != p.tp * p.pp * p.dp:
+        raise ValueError(f"devices has {len(p.devices)} entries; the plan has {p.tp * p.pp * p.dp} ranks")
+    seen = {}
+    for rank, dev in enumerate(p.devices):
+        if (not isinstance(dev, tuple) or len(dev) != 2 or not 0 <= dev[0] < p.nodes
+                or not 0 <= dev[1] < p.devices_per_node):
+            raise ValueError(f"rank {rank} is placed on {dev!r}, not a (node, device) of this cluster")
+        if dev in seen:
+            raise ValueError(f"ranks {seen[dev]} and {rank} are both placed on {dev}")
+        seen[dev] = rank
+
+
+def cross_node_bytes_per_token(placement: Placement, hidden: int, n_layers: int, batch: int = 1,
+                               bytes_per_element: int = 2) -> dict:
+    """Bytes that cross node boundaries for one decode step (one new token per sequence).
+
+    Activation message: ``M = hidden x batch x bytes_per_element``.
+
+    * TP: each layer does 2 all-reduces of ``M`` (after attention, after the MLP) in
+      every TP group, ``n_layers / pp`` layers per stage. In a ring all-reduce each
+      member sends ``2 (t - 1) / t x M`` to its ring successor (group order), so each
+      ring link that joins two nodes carries that much per all-reduce.
+    * PP: each stage boundary passes ``M`` forward; TP rank ``i`` of stage ``s`` sends
+      its ``1 / t`` slice to TP rank ``i`` of stage ``s + 1`` (Megatron's scatter-gather),
+      and pairs on different nodes count.
+
+    Returns ``{"tp": bytes, "pp": bytes, "total": bytes}`` summed over the whole cluster.
+    """
+    check_placement(placement)
+    for name, value in (("hidden", hidden), ("n_layers", n_layers), ("batch", batch),
+                        ("bytes_per_element", bytes_per_element)):
+        _positive(name, value)
+    p = placement
+    if n_layers % p.pp:
+        raise ValueError(f"pp={p.pp} does not divide n_layers={n_layers}: choose pp among "
+                         f"{[d for d in range(1, n_layers + 1) if n_layers % d == 0]}")
+    message = hidden * batch * bytes_per_element
+    node = [dev[0] for dev in p.devices]
+    tp_bytes = 0.0
+    if p.tp > 1:
+        per_link = 2 * (p.tp - 1) / p.tp * message
+        for group in p.groups("tp"):
+            crossing = sum(node[a] != node[b] for a, b in zip(group, group[1:] + group[:1]))
+            tp_bytes += crossing * per_link * 2 * (n_layers // p.pp)
+    pp_bytes = 0.0
+    for group in p.groups("pp"):   # one group per (dp, tp) coordinate: the stages in order
+        for a, b in zip(group, group[1:]):
+            pp_bytes += (node[a] != node[b]) * message / p.tp
+    return {"tp": tp_bytes, "pp": pp_bytes, "total": tp_bytes + pp_bytes}
+
+
+def placement_grid(placement: Placement) -> list[list[dict]]:
+    """``grid[node][device]`` = ``{"rank", "dp", "pp", "tp", "tp_group"}``: what the widget draws."""
+    p = placement
+    grid = [[None] * p.devices_per_node for _ in range(p.nodes)]
+    for rank, (n, d) in enumerate(p.devices):
+        dp_, pp_, tp_ = p.coords(rank)
+        grid[n][d] = {"rank": rank, "dp": dp_, "pp": pp_, "tp": tp_, "tp_group": dp_ * p.pp + pp_}
+    return grid

@@ -1,0 +1,69 @@
+"""The cluster as a grid: nodes (rows) x devices (columns), coloured by TP group, labelled
+with rank and pipeline stage. A picture of :func:`lessons_lib.cluster.placement.placement_grid`."""
+
+from __future__ import annotations
+
+from ..cluster.placement import (BAD_ORDER, GOOD_ORDER, cross_node_bytes_per_token, place_ranks,
+                                 placement_grid)
+
+
+def draw_placement(placement, ax=None, title: str = ""):
+    """One cell per device; colour = TP group, text = rank and pipeline stage."""
+    import matplotlib.pyplot as plt
+
+    grid = placement_grid(placement)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.1 * placement.devices_per_node + 1, 0.9 * placement.nodes + 0.8))
+    ax.clear()
+    colours = plt.get_cmap("tab10")
+    for n, row in enumerate(grid):
+        for d, cell in enumerate(row):
+            ax.add_patch(plt.Rectangle((d, -n - 1), 0.95, 0.9, color=colours(cell["tp_group"] % 10), alpha=0.8))
+            ax.text(d + 0.47, -n - 0.55, f"r{cell['rank']}\npp{cell['pp']} tp{cell['tp']}",
+                    ha="center", va="center", fontsize=8)
+        ax.text(-0.1, -n - 0.55, f"node {n}", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-1.2, placement.devices_per_node)
+    ax.set_ylim(-placement.nodes - 0.1, 0.1)
+    ax.axis("off")
+    ax.set_title(title or "colour = TP group", fontsize=9)
+    return ax
+
+
+def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192, n_layers: int = 80):
+    """Choose the plan and the fill order; see the grid and the cross-node bytes per token.
+
+    The box exposes ``.plan`` (a dropdown of ``(tp, pp, dp)``), ``.order`` (good / bad),
+    ``.placement`` and ``.bytes`` (the data last drawn).
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    world = nodes * devices_per_node
+    plans = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
+             if world % (tp * pp) == 0 and n_layers % pp == 0]
+    plan = widgets.Dropdown(options=[(f"tp={t} pp={p} dp={d}", (t, p, d)) for t, p, d in plans],
+                            value=(devices_per_node, nodes, 1) if (devices_per_node, nodes, 1) in plans else plans[0],
+                            description="plan")
+    order = widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER), ("PP inside a node", BAD_ORDER)],
+                                  description="placement")
+    text, out = widgets.HTML(), widgets.Output()
+    box = widgets.VBox([plan, order, text, out])
+    box.plan, box.order = plan, order
+
+    def redraw(_=None):
+        tp, pp, dp = plan.value
+        box.placement = place_ranks(nodes, devices_per_node, tp, pp, dp, order=order.value)
+        box.bytes = cross_node_bytes_per_token(box.placement, hidden, n_layers)
+        text.value = (f"cross-node bytes per decode step (hidden={hidden}, {n_layers} layers, batch 1, bf16): "
+                      f"TP {box.bytes['tp']:,.0f} + PP {box.bytes['pp']:,.0f} = <b>{box.bytes['total']:,.0f}</b>")
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(1.1 * devices_per_node + 1, 0.9 * nodes + 0.8))
+            draw_placement(box.placement, ax)
+            plt.show()
+            plt.close(fig)
+
+    plan.observe(redraw, names="value")
+    order.observe(redraw, names="value")
+    redraw()
+    return box

@@ -1,0 +1,97 @@
+"""The ring all-reduce, step by step: a picture of :func:`lessons_lib.comm.ring_schedule`.
+
+``ring_frame(p, step)`` is a pure function returning what to draw (the transfers of
+this step and every rank's chunk state from :func:`~lessons_lib.comm.simulate_ring`);
+``draw_ring`` draws a frame with matplotlib; ``ring_widget`` adds sliders. The
+executor that moves real tensors runs the very same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..comm.schedule import ring_schedule, simulate_ring
+
+
+def ring_frame(p: int, step: int, kind: str = "all_reduce") -> dict:
+    """What the picture shows after ``step`` steps (0 = the start).
+
+    Returns ``{"p", "step", "n_steps", "phase", "transfers", "fill"}``: ``transfers``
+    are the ``(src, dst, chunk, op)`` about to happen at this step (empty after the
+    last), ``fill[r][c]`` is how many ranks' data rank ``r``'s chunk ``c`` contains.
+    """
+    steps = ring_schedule(p, kind)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(steps):
+        raise ValueError(f"step must be in 0..{len(steps)} for p={p}, got {step!r}")
+    state = simulate_ring(p, kind)[step]
+    upcoming = steps[step] if step < len(steps) else []
+    return {"p": p, "step": step, "n_steps": len(steps),
+            "phase": upcoming[0].phase if upcoming else "done",
+            "transfers": [(t.src, t.dst, t.chunk, t.op) for t in upcoming],
+            "fill": [[len(cell) for cell in row] for row in state]}
+
+
+def draw_ring(frame: dict, ax=None):
+    """Ranks on a circle, each with its ``p`` chunks coloured by how complete they are; arrows for the step."""
+    import matplotlib.pyplot as plt
+    from matplotlib import cm
+
+    p = frame["p"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.clear()
+    ax.set_aspect("equal")
+    ax.axis("off")
+    centres = [(math.cos(math.pi / 2 - 2 * math.pi * r / p), math.sin(math.pi / 2 - 2 * math.pi * r / p))
+               for r in range(p)]
+    width = 0.5 / p
+    for r, (x, y) in enumerate(centres):
+        for c in range(p):
+            level = frame["fill"][r][c] / p
+            ax.add_patch(plt.Rectangle((x - 0.25 + c * width, y - 0.08), width * 0.9, 0.16,
+                                       color=cm.viridis(level), ec="black"))
+            ax.text(x - 0.25 + (c + 0.45) * width, y - 0.16, f"c{c}", ha="center", fontsize=7)
+        ax.text(x, y + 0.15, f"rank {r}", ha="center", fontsize=9, weight="bold")
+    for src, dst, chunk, op in frame["transfers"]:
+        (x0, y0), (x1, y1) = centres[src], centres[dst]
+        ax.annotate("", xy=(x0 + 0.8 * (x1 - x0), y0 + 0.8 * (y1 - y0)),
+                    xytext=(x0 + 0.2 * (x1 - x0), y0 + 0.2 * (y1 - y0)),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red" if op == "reduce" else "tab:blue"})
+        ax.text((x0 + x1) / 2 * 1.15, (y0 + y1) / 2 * 1.15, f"c{chunk} {'+' if op == 'reduce' else '='}",
+                ha="center", fontsize=8, color="tab:red" if op == "reduce" else "tab:blue")
+    ax.set_xlim(-1.5, 1.5)
+    ax.set_ylim(-1.4, 1.4)
+    ax.set_title(f"p={p}, step {frame['step']}/{frame['n_steps']}: {frame['phase']} "
+                 f"(colour: share of ranks summed in)", fontsize=9)
+    return ax
+
+
+def ring_widget(p: int = 4, kind: str = "all_reduce"):
+    """Sliders for ``p`` and the step; the figure redraws from :func:`ring_frame`.
+
+    The returned box has ``.p_slider``, ``.step_slider`` and ``.frame`` (the data last
+    drawn), so tests can move a slider and check the picture changed.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    p_slider = widgets.IntSlider(value=p, min=2, max=8, description="ranks p")
+    step_slider = widgets.IntSlider(value=0, min=0, max=2 * (p - 1), description="step")
+    out = widgets.Output()
+    box = widgets.VBox([p_slider, step_slider, out])
+    box.p_slider, box.step_slider = p_slider, step_slider
+
+    def redraw(_=None):
+        step_slider.max = len(ring_schedule(p_slider.value, kind))
+        box.frame = ring_frame(p_slider.value, min(step_slider.value, step_slider.max), kind)
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(5.5, 5.5))
+            draw_ring(box.frame, ax)
+            plt.show()
+            plt.close(fig)
+
+    p_slider.observe(redraw, names="value")
+    step_slider.observe(redraw, names="value")
+    redraw()
+    return box

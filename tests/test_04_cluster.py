@@ -1,0 +1,138 @@
+"""Lesson 04: placement (and its widget), sharded loading, two torchrun "nodes" on localhost."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lessons_lib.cluster.multinode import launch_nodes, torchrun_command
+from lessons_lib.cluster.placement import (BAD_ORDER, Placement, check_placement,
+                                           cross_node_bytes_per_token, place_ranks, placement_grid)
+from lessons_lib.cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, split_dim
+from lessons_lib.model import ModelConfig, TinyLM, save_checkpoint
+
+pytestmark = pytest.mark.lesson04
+
+
+# -- placement ---------------------------------------------------------------------------
+def test_good_placement_keeps_tp_in_a_node_and_pp_across():
+    pl = place_ranks(2, 4, tp=4, pp=2)
+    assert pl.devices == ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3))
+    for group in pl.groups("tp"):
+        assert len({pl.devices[r][0] for r in group}) == 1
+    # hidden 8192, batch 1, bf16: one 16 KiB activation crosses the single stage boundary
+    assert cross_node_bytes_per_token(pl, 8192, 80) == {"tp": 0.0, "pp": 16384.0, "total": 16384.0}
+
+
+def test_bad_placement_sends_tp_all_reduces_across_nodes():
+    pl = place_ranks(2, 4, tp=4, pp=2, order=BAD_ORDER)
+    check_placement(pl)
+    # PP stages fill adjacent devices, so each TP ring is split over both nodes:
+    node = [d[0] for d in pl.devices]
+    assert [node[r] for r in pl.groups("tp")[0]] == [0, 0, 1, 1]   # ring links 1->2 and 3->0 cross
+    # 2 stages x 2 crossing links x 2(t-1)/t x M x 2 all-reduces x 40 layers per stage
+    message = 8192 * 2
+    expected_tp = 2 * 2 * (2 * 3 / 4 * message) * 2 * 40
+    got = cross_node_bytes_per_token(pl, 8192, 80)
+    assert got["tp"] == expected_tp and got["pp"] == 0.0
+    assert got["total"] / cross_node_bytes_per_token(place_ranks(2, 4, 4, 2), 8192, 80)["total"] == 480
+
+
+def test_dp_replicas_never_cross_nodes_and_batch_scales_linearly():
+    pl = place_ranks(2, 2, tp=2, pp=1, dp=2)
+    assert cross_node_bytes_per_token(pl, 64, 4, batch=8)["total"] == 0
+    pp4 = place_ranks(4, 1, tp=1, pp=4)
+    assert cross_node_bytes_per_token(pp4, 64, 4, batch=3, bytes_per_element=4)["pp"] == 3 * 64 * 3 * 4
+
+
+@pytest.mark.parametrize("args, words", [
+    ((2, 4, 4, 4, 1), "tp x pp x dp = 4 x 4 x 1 = 16 ranks"),
+    ((2, 4, 0, 2, 1), "tp must be an int >= 1"),
+    ((2, 4, 4, 2, 1, ("tp", "pp")), "order must be a permutation"),
+])
+def test_bad_plans_are_named(args, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        place_ranks(*args)
+
+
+def test_bad_placements_and_layers_are_named():
+    doubled = Placement(1, 2, 2, 1, 1, ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"ranks 0 and 1 are both placed on \(0, 0\)"):
+        check_placement(doubled)
+    with pytest.raises(ValueError, match="pp=2 does not divide n_layers=3"):
+        cross_node_bytes_per_token(place_ranks(2, 1, 1, 2), 8, 3)
+
+
+def test_placement_grid_is_what_the_widget_draws():
+    grid = placement_grid(place_ranks(2, 2, tp=2, pp=2))
+    assert [[c["rank"] for c in row] for row in grid] == [[0, 1], [2, 3]]
+    assert [[c["pp"] for c in row] for row in grid] == [[0, 0], [1, 1]]
+
+
+def test_placement_widget_redraws_when_the_order_changes():
+    from lessons_lib.viz.placement import placement_widget
+
+    w = placement_widget(2, 4)
+    good = w.bytes["total"]
+    w.order.value = BAD_ORDER
+    assert w.placement.devices != place_ranks(2, 4, 4, 2).devices and w.bytes["total"] > good
+    w.plan.value = (2, 2, 2)
+    assert (w.placement.tp, w.placement.pp, w.placement.dp) == (2, 2, 2)
+
+
+# -- sharded loading ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=264, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128)
+    return save_checkpoint(TinyLM(config), tmp_path_factory.mktemp("ckpt") / "lm.safetensors")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_each_rank_reads_its_slices_and_about_a_tp_th_of_the_bytes(checkpoint, tp):
+    full = load_file(str(checkpoint))
+    total = sum(t.nbytes for t in full.values())
+    replicated = sum(t.nbytes for name, t in full.items() if "norm" in name)
+    assert replicated == (2 * 2 + 1) * 64 * 4   # attn_norm + mlp_norm per layer, final norm; fp32
+    shards = []
+    for rank in range(tp):
+        state, read = load_tp_shard(checkpoint, tp, rank)
+        assert read == (total - replicated) // tp + replicated == expected_bytes_per_rank(checkpoint, tp)["per_rank"]
+        shards.append(state)
+    for name, tensor in full.items():   # the shards put back together are the checkpoint
+        dim = split_dim(name)
+        rebuilt = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+        assert torch.equal(rebuilt, tensor), name
+
+
+def test_split_rules_follow_megatron():
+    assert split_dim("layers.0.attn.q_proj.weight") == 0
+    assert split_dim("layers.3.mlp.down_proj.weight") == 1
+    assert split_dim("lm_head.weight") == 0 and split_dim("embed.weight") == 0
+    assert split_dim("norm.weight") is None
+    with pytest.raises(ValueError, match="no tensor-parallel rule"):
+        split_dim("layers.0.mystery.weight")
+
+
+def test_tp_that_splits_a_head_is_refused(tmp_path):
+    path = save_checkpoint(TinyLM(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)),
+                           tmp_path / "gqa.safetensors")
+    with pytest.raises(ValueError, match=r"tp=4 does not divide n_kv_heads=2: choose tp among \[1, 2\]"):
+        load_tp_shard(path, 4, 0)
+    with pytest.raises(ValueError, match=r"tp_rank must be in 0..1"):
+        load_tp_shard(path, 2, 2)
+
+
+# -- torchrun: two "nodes" on localhost --------------------------------------------------
+def test_torchrun_command_rejects_bad_node_rank():
+    with pytest.raises(ValueError, match="node_rank must be in 0..1"):
+        torchrun_command(2, 2, 2, 1234)
+
+
+@pytest.mark.timeout(200)
+def test_two_torchrun_nodes_meet_and_all_reduce():
+    result = launch_nodes(nnodes=2, nproc_per_node=2, timeout=180)
+    assert result["returncodes"] == [0, 0], result["stderr"]
+    assert len(result["lines"]) == 4
+    for rank, line in enumerate(result["lines"]):
+        assert line.startswith(f"RANK={rank} LOCAL_RANK={rank % 2} WORLD_SIZE=4 GROUP_RANK={rank // 2} ")
+        assert line.endswith("all_reduce(rank) = 6 (expected 6)")
