@@ -23,15 +23,6 @@ SMALL = ModelConfig(vocab_size=264, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
 TEXTS = ["Rank 0 sends the activations to rank 1.", "KV缓存保存了键和值。", "GPU"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and threads stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return load_tiny_lm()

@@ -1,0 +1,94 @@
+"""Compression of the tiny LM: bytes, batch-1 decode speed and held-out perplexity, against fp32.
+
+    python benchmarks/compression.py
+
+Perplexity is on the whole held-out split of the corpus. "Linear bytes" counts
+every Linear layer's stored weights (float32 weights; int8 codes + bfloat16 row
+scales; packed int4 codes + bfloat16 scale/zero pairs); "all bytes" adds the
+float32 embedding and norms. Decode rate: greedy, batch 1, best of 7 interleaved rounds, one thread.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+
+from lessons_lib.compression import (Measurement, heldout_ids, linear_weight_bytes, load_student,
+                                     model_bytes, prune_2_4, prune_mlp_channels, prune_unstructured,
+                                     quantize_model)
+from lessons_lib.model import generate, load_tiny_lm, perplexity
+from lessons_lib.tokenizer import ByteTokenizer
+
+NEW_TOKENS, ROUNDS = 64, 7
+
+
+def interleaved_decode_rates(models: dict) -> dict:
+    """Best decode rate of each model over ROUNDS rounds, every model timed once per round.
+
+    Interleaving puts every model through the same moments of machine load, so the
+    ratios are fairer than timing one model after another.
+    """
+    ids = torch.tensor([ByteTokenizer().encode("The KV cache")])
+    for m in models.values():
+        generate(m, ids, 4)                                  # warm-up
+    best = {name: 0.0 for name in models}
+    for _ in range(ROUNDS):
+        for name, m in models.items():
+            timings: dict = {}
+            generate(m, ids, NEW_TOKENS, timings=timings)
+            best[name] = max(best[name], (NEW_TOKENS - 1) / timings["decode_s"])
+    return best
+
+
+def serialized_bytes(model) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model, _ = load_tiny_lm()
+    valid = heldout_ids()
+    variants = {
+        "fp32": model,
+        "pruned 50% (global)": prune_unstructured(model, 0.5),
+        "pruned 2:4": prune_2_4(model),
+        "pruned MLP channels 50%": prune_mlp_channels(model, 0.5),
+        "int8 weight-only": quantize_model(model, "int8"),
+        "int4 weight-only g32": quantize_model(model, "int4", group_size=32),
+        "student (distilled)": load_student(),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # torch.ao.quantization is deprecated in this torch
+        dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    rates = interleaved_decode_rates({**variants, "dynamic": dynamic})
+    rows: list[Measurement] = [Measurement(name, linear_weight_bytes(m), model_bytes(m),
+                                           perplexity(m, valid), rates[name])
+                               for name, m in variants.items()]
+    dyn_ppl, dyn_rate = perplexity(dynamic, valid), rates["dynamic"]
+
+    base = rows[0]
+    print(f"tiny LM compression, held-out split ({valid.numel()} bytes), batch-1 greedy decode of {NEW_TOKENS} "
+          f"tokens (best of {ROUNDS} interleaved rounds), {torch.get_num_threads()} thread, torch {torch.__version__}")
+    header = (f"{'variant':<28} | {'Linear bytes':>12} | {'smaller':>7} | {'all bytes':>9} | "
+              f"{'smaller':>7} | {'perplexity':>10} | {'ppl change':>10} | {'tok/s':>6} | {'speed':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.name:<28} | {r.linear_bytes:>12,} | {base.linear_bytes / r.linear_bytes:>6.2f}x | "
+              f"{r.total_bytes:>9,} | {base.total_bytes / r.total_bytes:>6.2f}x | {r.perplexity:>10.4f} | "
+              f"{100 * (r.perplexity / base.perplexity - 1):>+9.2f}% | {r.tokens_per_s:>6.0f} | "
+              f"{r.tokens_per_s / base.tokens_per_s:>5.2f}x")
+    ratio = serialized_bytes(model) / serialized_bytes(dynamic)
+    print(f"{'quantize_dynamic (torch.ao)':<28} | {'n/a':>12} | {'':>7} | {'n/a':>9} | {ratio:>6.2f}x | "
+          f"{dyn_ppl:>10.4f} | {100 * (dyn_ppl / base.perplexity - 1):>+9.2f}% | {dyn_rate:>6.0f} | "
+          f"{dyn_rate / base.tokens_per_s:>5.2f}x")
+    print("(quantize_dynamic's size ratio is of torch.save'd state dicts: its packed weights are not "
+          "parameters or buffers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Prefix caching: reuse the KV blocks of a prompt prefix that was already computed.
+
+Chat and agent traffic repeats itself: every request of an application starts
+with the same system prompt, and every turn of a conversation starts with the
+previous turns. Their keys and values are the same every time (a token's K/V
+depend only on the tokens before it), so computing them again is waste.
+
+vLLM's automatic prefix caching identifies each *full* block by a hash of its
+tokens chained to the hash of the block before it: equal hashes mean equal
+prefixes, not just equal blocks. A new request looks up its blocks' hashes in
+order, shares every block found (its reference count goes up) and prefills only
+the tokens after them. When a request finishes its blocks are released, but a
+released block keeps its contents and its hash until the memory is needed:
+eviction takes free blocks only, least recently used first, so a block in use is
+never evicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .paged_kv import BlockAllocator, KVBlockPool, PagedSequenceCache
+
+ROOT_HASH = ""
+
+
+def block_hashes(tokens: list[int], block_size: int) -> list[str]:
+    """Chained hashes of the full blocks of ``tokens`` (a partial last block has none)."""
+    hashes, parent = [], ROOT_HASH
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = tokens[start:start + block_size]
+        digest = hashlib.sha256((parent + ":" + ",".join(map(str, block))).encode()).hexdigest()[:16]
+        hashes.append(digest)
+        parent = digest
+    return hashes
+
+
+class PrefixCache:
+    """Block hashes over a :class:`BlockAllocator`, with LRU eviction of free cached blocks."""
+
+    def __init__(self, allocator: BlockAllocator) -> None:
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.block_of: dict[str, int] = {}     # hash -> physical block
+        self.hash_of: dict[int, str] = {}      # physical block -> hash
+        self.hits = self.misses = self.evictions = 0
+
+    def allocate(self) -> int:
+        """A block for new tokens: a never-cached free block if any, else evict the LRU free cached one."""
+        free = self.allocator.free_blocks
+        # The free list is in release order, so its first cached block is the least recently used.
+        for block in free:
+            if block not in self.hash_of:
+                self.allocator.take(block)
+                return block
+        block = self.allocator.allocate()        # raises OutOfBlocksError when nothing is free
+        if block in self.hash_of:
+            del self.block_of[self.hash_of.pop(block)]
+            self.evictions += 1
+        return block
+
+    def match(self, tokens: list[int]) -> tuple[list[int], int]:
+        """Share the cached blocks of the longest cached prefix of ``tokens``.
+
+        Returns ``(blocks, num_tokens)``. At least one token is always left to
+        compute, because the model must run on something to give the next-token logits.
+        """
+        blocks = []
+        for digest in block_hashes(tokens[:len(tokens) - 1], self.block_size):
+            block = self.block_of.get(digest)
+            if block is None:
+                break
+            if self.allocator.ref_counts[block] == 0:
+                self.allocator.take(block)       # off the free list: no longer evictable
+            else:
+                self.allocator.incref(block)
+            blocks.append(block)
+        n_full = len(tokens[:len(tokens) - 1]) // self.block_size
+        self.hits += len(blocks)
+        self.misses += n_full - len(blocks)
+        return blocks, len(blocks) * self.block_size
+
+    def register(self, tokens: list[int], block_table: list[int]) -> None:
+        """Record the hashes of the full blocks of a computed sequence so later requests can share them."""
+        for digest, block in zip(block_hashes(tokens, self.block_size), block_table):
+            if digest not in self.block_of and block not in self.hash_of:
+                self.block_of[digest] = block
+                self.hash_of[block] = digest
+
+    def release(self, block_table: list[int]) -> None:
+        """A sequence is done: drop its references; cached blocks stay until evicted."""
+        for block in block_table:
+            self.allocator.free(block)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.hash_of)
+
+
+def prefill(model, ids: list[int], pool: KVBlockPool, prefix_cache: PrefixCache | None = None,
+            ) -> tuple[torch.Tensor, PagedSequenceCache, int]:
+    """Run the prompt ``ids`` through ``model`` into paged KV blocks, reusing cached prefix blocks.
+
+    Returns ``(logits of the computed tokens, the sequence's cache, tokens reused)``.
+    Only ``len(ids) - reused`` tokens go through the model.
+    """
+    if prefix_cache is None:
+        blocks, reused, allocate = [], 0, None
+    else:
+        (blocks, reused), allocate = prefix_cache.match(ids), prefix_cache.allocate
+    seq = PagedSequenceCache(pool, blocks, reused, allocate=allocate)
+    x = torch.tensor([ids[reused:]])
+    with torch.no_grad():
+        logits = model(x, attention_mask=torch.ones(1, len(ids), dtype=torch.long), cache=seq)
+    if prefix_cache is not None:
+        prefix_cache.register(ids, seq.block_table)
+    return logits, seq, reused

@@ -1,0 +1,70 @@
+"""Measure what compression buys and costs: bytes, decode speed, held-out perplexity.
+
+Sizes and perplexities are deterministic (same weights, same text, same
+numbers). Decode speed is a timing: it depends on the machine and on what else
+runs on it, so it is the best of a few runs and should be read as a ratio
+against float32 measured in the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..model import corpus_splits, generate
+from ..tokenizer import ByteTokenizer
+
+
+def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
+    """The held-out split of the corpus (lessons_lib/data/CORPUS.md), or its first ``n_bytes``."""
+    _, valid = corpus_splits()
+    if n_bytes is None:
+        return valid
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or not 2 <= n_bytes:
+        raise ValueError(f"n_bytes={n_bytes!r} must be an integer >= 2 (or None for all "
+                         f"{valid.numel()} held-out bytes)")
+    return valid[:n_bytes]
+
+
+def decode_tokens_per_s(model: nn.Module, prompt: str = "The KV cache", new_tokens: int = 48,
+                        repeats: int = 3) -> float:
+    """Greedy decode rate at batch 1 (tokens after the first, per second), best of ``repeats``."""
+    ids = torch.tensor([ByteTokenizer().encode(prompt)])
+    generate(model, ids, 4)                  # warm-up: first calls allocate and dispatch
+    best = 0.0
+    for _ in range(repeats):
+        timings: dict = {}
+        generate(model, ids, new_tokens, timings=timings)
+        best = max(best, (new_tokens - 1) / timings["decode_s"])
+    return best
+
+
+@dataclass
+class Measurement:
+    """One row of the compression table."""
+
+    name: str
+    linear_bytes: int       # weights (plus scales) of every Linear-like layer
+    total_bytes: int        # every parameter and buffer
+    perplexity: float       # on the held-out ids given
+    tokens_per_s: float | None = None
+
+
+def ratio_rows(rows: list[Measurement], baseline: str = "fp32") -> list[list]:
+    """Table rows: bytes and ratios against the ``baseline`` row (smaller / faster / ppl change)."""
+    base = next(r for r in rows if r.name == baseline)
+    out = []
+    for r in rows:
+        row = [r.name, r.linear_bytes, f"{base.linear_bytes / r.linear_bytes:.2f}x",
+               r.total_bytes, f"{base.total_bytes / r.total_bytes:.2f}x",
+               f"{r.perplexity:.4f}", f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%"]
+        if r.tokens_per_s is not None and base.tokens_per_s:
+            row += [f"{r.tokens_per_s:.0f}", f"{r.tokens_per_s / base.tokens_per_s:.2f}x"]
+        out.append(row)
+    return out
+
+
+TABLE_HEADER = ["model", "Linear bytes", "smaller", "all bytes", "smaller", "perplexity", "vs fp32",
+                "decode tok/s", "speed vs fp32"]
