@@ -1,0 +1,73 @@
+"""Redacting personal data (PII) from prompts and logs before they are stored or shipped.
+
+Prompts are user data; logs and traces copy them into places with wider access and longer
+retention than the request itself. So redact on the way in (before the prompt is logged) and in
+the logging pipeline (a ``logging.Filter``), and never rely on one of the two alone.
+
+Patterns covered: e-mail addresses, phone numbers, payment card numbers (13-19 digits that pass
+the **Luhn** check, so a mistyped or random digit run is not labelled a card), IPv4 and simple IPv6 addresses. Regexes are
+a first line only: names and addresses need an NER model, and nothing catches everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# Not inside a longer dotted number (a version string), but a sentence's full stop may follow.
+IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\d|\.\d)")
+IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?!\w)")
+
+
+def luhn_valid(number: str) -> bool:
+    """The Luhn checksum every payment card number satisfies (spaces and dashes ignored).
+
+    From the rightmost digit, double every second digit (subtract 9 if that exceeds 9); the
+    total must be a multiple of 10. It catches every single-digit typo.
+    """
+    digits = [c for c in str(number) if c not in " -"]
+    if not digits or not all(c.isdigit() for c in digits):
+        return False
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _cards(m: re.Match) -> str:
+    return "[CARD]" if luhn_valid(m.group()) else m.group()
+
+
+def _phones(m: re.Match) -> str:
+    digits = sum(c.isdigit() for c in m.group())
+    return "[PHONE]" if 7 <= digits <= 15 else m.group()
+
+
+def redact(text: str) -> str:
+    """Replace PII in ``text`` with ``[EMAIL]``, ``[CARD]``, ``[IP]``, ``[PHONE]``.
+
+    Order matters: cards before phones (a card is a long digit run a phone pattern would also
+    take), IP addresses before phones (dotted digits).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    text = EMAIL.sub("[EMAIL]", text)
+    text = CARD.sub(_cards, text)
+    text = IPV4.sub("[IP]", text)
+    text = IPV6.sub("[IP]", text)
+    return PHONE.sub(_phones, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts the formatted message before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True

@@ -1,0 +1,140 @@
+"""Router policies: which worker gets the next request.
+
+A policy sees the request and a snapshot of every live worker (:class:`WorkerLoad`) and returns
+one worker id. The same policy objects drive the discrete-event simulation (``simulate.py``) and
+the real router (``router.py``), so what the simulation predicts is what the router does.
+
+* ``RoundRobin``: the next worker in turn; blind to load.
+* ``LeastOutstanding``: fewest requests in flight (queued or running).
+* ``PowerOfTwoChoices``: sample two workers at random, take the less loaded (Mitzenmacher):
+  nearly as good as least-outstanding and needs no global view, so it scales to many routers.
+* ``TokenCostAware``: fewest outstanding *tokens* (prompt + max new tokens), since one long
+  request costs as much as many short ones.
+* ``PrefixCacheAware``: the worker that holds the longest cached prefix of the prompt (its KV
+  cache skips that prefill); ties, and prompts nobody has cached, go to the least loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def block_hashes(tokens, block_size: int = 16, salt: bytes = b"") -> list[str]:
+    """Chained SHA-256 of each *full* block: hash i covers tokens[0 : (i+1)*block_size].
+
+    Chaining makes a block's hash depend on everything before it, so equal hashes mean equal
+    prefixes (vLLM's prefix caching does the same). ``salt`` separates tenants (lesson 08).
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+    out, h = [], hashlib.sha256(salt).digest()
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = ",".join(str(int(t)) for t in tokens[start:start + block_size]).encode()
+        h = hashlib.sha256(h + block).digest()
+        out.append(h.hex())
+    return out
+
+
+@dataclass
+class WorkerLoad:
+    """What a router knows about one live worker when it routes."""
+
+    id: str
+    outstanding: int = 0          # requests sent and not yet answered
+    outstanding_tokens: int = 0   # sum of their prompt + max_new_tokens
+
+
+class Policy:
+    name = "policy"
+
+    def choose(self, request, workers: Sequence[WorkerLoad]) -> str:
+        raise NotImplementedError
+
+    def __call__(self, request, workers: Sequence[WorkerLoad]) -> str:
+        if not workers:
+            raise ValueError("no live worker to route to")
+        return self.choose(request, workers)
+
+
+class RoundRobin(Policy):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def choose(self, request, workers):
+        w = workers[self.turn % len(workers)]
+        self.turn += 1
+        return w.id
+
+
+class LeastOutstanding(Policy):
+    name = "least-outstanding"
+
+    def choose(self, request, workers):
+        # min() keeps the first of equals, so ties go to the lowest-listed worker: deterministic.
+        return min(workers, key=lambda w: w.outstanding).id
+
+
+class PowerOfTwoChoices(Policy):
+    name = "power-of-two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def choose(self, request, workers):
+        if len(workers) == 1:
+            return workers[0].id
+        a, b = self.rng.sample(range(len(workers)), 2)
+        return min(workers[a], workers[b], key=lambda w: w.outstanding).id
+
+
+class TokenCostAware(Policy):
+    name = "token-cost"
+
+    def choose(self, request, workers):
+        return min(workers, key=lambda w: (w.outstanding_tokens, w.outstanding)).id
+
+
+class PrefixCacheAware(Policy):
+    """Keeps its own picture of each worker's prefix cache: the block hashes it sent there."""
+
+    name = "prefix-aware"
+
+    def __init__(self, block_size: int = 16, capacity: int = 64) -> None:
+        self.block_size, self.capacity = block_size, capacity
+        self.cached: dict[str, OrderedDict] = {}
+
+    def matched_blocks(self, worker_id: str, hashes: list[str]) -> int:
+        have = self.cached.get(worker_id, {})
+        n = 0
+        while n < len(hashes) and hashes[n] in have:
+            n += 1
+        return n
+
+    def choose(self, request, workers):
+        hashes = block_hashes(request.prompt, self.block_size)
+        best = min(workers, key=lambda w: (-self.matched_blocks(w.id, hashes),
+                                           w.outstanding_tokens, w.outstanding))
+        seen = self.cached.setdefault(best.id, OrderedDict())
+        for h in hashes:
+            seen[h] = True
+            seen.move_to_end(h)
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)
+        return best.id
+
+
+POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstanding, PowerOfTwoChoices,
+                                      TokenCostAware, PrefixCacheAware)}
+
+
+def make_policy(name: str, **kwargs) -> Policy:
+    """A fresh policy by name (policies keep state, so each run gets its own)."""
+    if name not in POLICIES:
+        raise ValueError(f"policy={name!r}: choose one of {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)

@@ -1,0 +1,99 @@
+"""Requests to serve, and the single-process oracle their answers must equal.
+
+Prompts are short byte-tokenised sentences, several sharing a long prefix (a "system prompt"),
+so prefix caching has something to find. Everything is seeded: the same call gives the same
+requests, and greedy decoding gives the same answers, on any number of workers.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .protocol import Request
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant for a distributed inference course. Answer briefly. ",
+    "System: translate the user's sentence into French, keeping names unchanged. ",
+)
+QUESTIONS = ("What is tensor parallelism?", "Why cache keys and values?", "Name a collective.",
+             "How big is the KV cache?", "What does a router do?", "Explain pipeline bubbles.",
+             "Hello", "Is gloo faster than NCCL?")
+
+
+def make_prompt(rng: random.Random, shared_prefix_share: float = 0.5, tag: str = "") -> list[int]:
+    from ..tokenizer import ByteTokenizer
+
+    text = rng.choice(QUESTIONS) + " #" + str(rng.randrange(1000))
+    if rng.random() < shared_prefix_share:
+        text = rng.choice(SYSTEM_PROMPTS) + text
+    # A tag at the very start makes every block hash new: earlier runs' cached prefixes never match.
+    return ByteTokenizer().encode(tag + text)
+
+
+def make_requests(n: int, seed: int = 0, max_new_tokens: int = 3, prefix: str = "r",
+                  shared_prefix_share: float = 0.5, tag: str = "") -> list[Request]:
+    """``n`` seeded requests with ids ``{prefix}0 .. {prefix}{n-1}``; ``tag`` starts every prompt."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be an int >= 1")
+    rng = random.Random(seed)
+    return [Request(f"{prefix}{i}", make_prompt(rng, shared_prefix_share, tag), max_new_tokens)
+            for i in range(n)]
+
+
+def reference_tokens(requests, model=None, model_spec: str = "auto") -> dict[str, tuple[int, ...]]:
+    """The oracle: each request's new tokens from one process running :func:`generate`."""
+    import torch
+
+    from ..model import generate
+    from .worker import load_model
+
+    model = load_model(model_spec) if model is None else model
+    out, memo = {}, {}
+    threads = torch.get_num_threads()
+    # The tiny LM's matmuls are too small to split: on a busy machine, intra-op threads spend
+    # more time waiting for each other than computing (measured: up to 60x slower with 2).
+    torch.set_num_threads(1)
+    try:
+        for r in requests:
+            key = (r.prompt, r.max_new_tokens)
+            if key not in memo:
+                ids = generate(model, torch.tensor([list(r.prompt)]), r.max_new_tokens)
+                memo[key] = tuple(ids[0, len(r.prompt):].tolist())
+            out[r.id] = memo[key]
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def replay(router, policy_names, n: int = 40, seed: int = 0, max_new_tokens: int = 8,
+           rate: float = 60.0) -> list[dict]:
+    """Send the same seeded burst of requests through ``router`` once per policy; p50/p99/throughput.
+
+    Arrivals are Poisson at ``rate`` per second. Each policy's prompts start with a different tag,
+    so no policy profits from prefixes an earlier run left in the workers' caches.
+    """
+    import time
+
+    from .policies import make_policy
+    from .simulate import percentile
+
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    rows = []
+    for k, name in enumerate(policy_names):
+        router.policy = make_policy(name)
+        reqs = make_requests(n, seed=seed, max_new_tokens=max_new_tokens, prefix=f"{name}-",
+                             shared_prefix_share=0.8, tag=f"[{k}] ")
+        start = time.monotonic()
+        responses = router.run(reqs, arrival_times=arrivals)
+        wall = time.monotonic() - start
+        lat = sorted(r.latency_s for r in responses)
+        rows.append({"policy": name, "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99),
+                     "throughput_rps": n / wall,
+                     "prefix_hit_rate": sum(r.cached_tokens for r in responses)
+                     / sum(len(q.prompt) for q in reqs),
+                     "served_by": {w: sum(r.worker == w for r in responses) for w in sorted(router.workers)}})
+    return rows
