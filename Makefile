@@ -8,7 +8,7 @@ KERNEL := distributed-inference
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test venv notebooks exercises benchmarks clean
+.PHONY: lab test venv browser notebooks exercises benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 \
 	    --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (never a browser downloaded by playwright); as root we
+# install it, otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	    echo "chromium is not installed: tests/test_browser.py will skip"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests notebooks solutions exercises $(PYTEST_NB)
 
 # Regenerate exercises/ from solutions/, then re-execute every notebook in place.

@@ -1,0 +1,138 @@
+"""The executor: run a schedule's actions on this rank, and serve an LM through a pipeline.
+
+:func:`execute` is the whole idea in one loop. For each action in ``schedule.orders[s]``:
+receive the micro-batch's activation from the previous stage (the first stage takes it
+from its inputs), compute, and send the result to the next stage (the last stage keeps
+it). The schedule decides the order; the receives make each stage wait for its input,
+which is exactly where the bubble comes from. Busy intervals are recorded so the idle
+fraction can be measured, not just computed.
+
+:class:`PipelineInference` uses it for a decoder-only LM, forward-only: a prefill of the
+whole prompt, then one token per step with each stage keeping the KV cache of *its own*
+layers, one cache per micro-batch. After each step the last stage broadcasts the new
+tokens to the other stages of its pipeline, because the first stage needs them as the
+next input and every stage needs the grown padding mask.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ...model.kv_cache import KVCache
+from .p2p import TensorReceiver, send_tensor, wait_all
+from .partition import microbatch_sizes
+from .schedule import Action, Schedule, make_schedule
+
+
+def execute(schedule: Schedule, stage_index: int, compute: Callable[[int, torch.Tensor], torch.Tensor],
+            inputs: list[torch.Tensor] | None = None, *, prev: int | None = None,
+            next: int | None = None, records: list | None = None) -> list[torch.Tensor] | None:
+    """Run the forward actions of ``schedule`` for stage ``stage_index`` on this rank.
+
+    ``compute(microbatch, x)`` is the stage's work; ``inputs[i]`` is micro-batch ``i``'s
+    input (first stage only); ``prev``/``next`` are the neighbours' global ranks (from the
+    mesh). ``records``, if given, receives ``(action, start, end)`` busy intervals
+    (``time.perf_counter``, which is one system-wide clock on Linux). Returns the outputs
+    per micro-batch on the last stage, ``None`` elsewhere.
+    """
+    if schedule.has_backward:
+        raise ValueError(f"schedule {schedule.name!r} has backward actions; inference runs "
+                         "forward-only schedules: build it with backward=False")
+    first, last = prev is None, next is None
+    if first and (inputs is None or len(inputs) != schedule.n_microbatches):
+        raise ValueError(f"the first stage needs inputs for all {schedule.n_microbatches} micro-batches")
+    outputs: list = [None] * schedule.n_microbatches
+    pending: list = []
+    order = schedule.orders[stage_index]
+    receiver = None if first else TensorReceiver(prev)
+    for n, action in enumerate(order):
+        x = inputs[action.microbatch] if first else receiver.recv(more=n + 1 < len(order))
+        start = time.perf_counter()
+        y = compute(action.microbatch, x)
+        if records is not None:
+            records.append((action, start, time.perf_counter()))
+        if last:
+            outputs[action.microbatch] = y
+        else:
+            pending.append(send_tensor(y, next))
+    wait_all(pending)
+    return outputs if last else None
+
+
+def idle_fraction(records_per_stage: list[list]) -> float:
+    """Measured bubble: ``1 - busy / (stages x wall time)`` from per-stage busy intervals."""
+    starts = [s for recs in records_per_stage for _, s, _ in recs]
+    ends = [e for recs in records_per_stage for _, _, e in recs]
+    span = max(ends) - min(starts)
+    busy = sum(e - s for recs in records_per_stage for _, s, e in recs)
+    return 1.0 - busy / (len(records_per_stage) * span)
+
+
+class PipelineInference:
+    """Serve an LM through a pipeline: ``forward`` (logits of a full pass) and ``generate``.
+
+    Create on every rank of the mesh with that rank's stage (see
+    :func:`~.stage.build_stage`). Every rank of a pipeline passes the same ``input_ids``
+    and ``attention_mask``: the non-first stages use them only for shapes and the mask.
+    """
+
+    def __init__(self, stage, mesh, n_microbatches: int = 1, schedule: str = "gpipe") -> None:
+        if stage.n_stages != mesh.pp or stage.stage_index != mesh.pp_rank:
+            raise ValueError(f"stage {stage.stage_index}/{stage.n_stages} does not match the mesh's "
+                             f"pp_rank {mesh.pp_rank}/{mesh.pp}: build it with build_stage(model, mesh)")
+        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}")
+        self.stage, self.mesh = stage, mesh
+        self.n_microbatches, self.schedule_name = n_microbatches, schedule
+        self.records: list = []     # (action, start, end) of this stage in the latest pass
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, caches: list | None):
+        m = self.n_microbatches
+        sizes = microbatch_sizes(ids.shape[0], m)
+        id_mbs, mask_mbs = torch.split(ids, sizes), torch.split(mask, sizes)
+        schedule = make_schedule(self.schedule_name, self.mesh.pp, m, backward=False)
+
+        def compute(i, x):
+            return self.stage(x, mask_mbs[i], caches[i] if caches is not None else None)
+
+        self.records = []           # busy intervals of the latest pass only
+        return execute(schedule, self.mesh.pp_rank, compute, list(id_mbs),
+                       prev=self.mesh.pp_prev, next=self.mesh.pp_next, records=self.records)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Logits (batch, seq, vocab) of one pass with no cache, on the last stage; None elsewhere."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        outs = self._run(input_ids, mask, None)
+        return torch.cat(outs) if outs is not None else None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding with the KV cache; returns (batch, prompt + new) ids on every stage."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        batch = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        microbatch_sizes(batch, self.n_microbatches)        # fail early, on every rank alike
+        caches = [KVCache() for _ in range(self.n_microbatches)]
+        last_rank = self.mesh.ranks("pp")[-1]
+        ids = input_ids
+        for step in range(max_new_tokens):
+            step_ids = ids if step == 0 else ids[:, -1:]   # prefill, then one token per step
+            q_len = step_ids.shape[1]
+            outs = self._run(step_ids, mask, caches)
+            next_ids = torch.empty(batch, dtype=torch.long)
+            if outs is not None:
+                logits = torch.cat(outs)
+                # The last real token of each row (right padding shifts it left on the prefill).
+                last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
+                next_ids = logits[torch.arange(batch), last].argmax(dim=-1)
+            dist.broadcast(next_ids, src=last_rank, group=self.mesh.pp_group)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return ids

@@ -1,0 +1,146 @@
+"""The pipeline-bubble picture: a Gantt chart of a schedule and its idle fraction.
+
+:func:`gantt_data` is a pure function of (stages, micro-batches, schedule): it returns the
+bars (one per action, placed by :meth:`Schedule.timeline`) and the numbers, nothing drawn.
+:func:`draw_gantt` draws that data with matplotlib; :class:`PipelineBubbleWidget` wraps both
+in ipywidgets (stages slider, micro-batches slider, schedule dropdown). The executor runs the
+very same :class:`~lessons_lib.parallel.pipeline.schedule.Schedule` objects, so the picture
+is the run.
+"""
+
+from __future__ import annotations
+
+from ..parallel.pipeline.schedule import bubble_formula, make_schedule
+
+# Dropdown label -> (schedule name, with backward?)
+MODES = {
+    "GPipe, inference (forward only)": ("gpipe", False),
+    "GPipe, training (all F, then all B)": ("gpipe", True),
+    "1F1B, training (one F, one B)": ("1f1b", True),
+}
+COLORS = {"F": "#4C72B0", "B": "#DD8452"}
+
+
+def gantt_data(n_stages: int, n_microbatches: int, mode: str = "GPipe, inference (forward only)") -> dict:
+    """Bars and numbers of one schedule, unit cost per action.
+
+    Returns ``{"bars": [(stage, start, duration, label, kind), ...], "makespan", "bubble",
+    "formula", "peak_in_flight", "n_stages", "n_microbatches", "mode"}``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    name, backward = MODES[mode]
+    schedule = make_schedule(name, n_stages, n_microbatches, backward=backward)
+    slots = schedule.timeline()
+    return {
+        "bars": [(sl.action.stage, sl.start, sl.end - sl.start, str(sl.action), sl.action.kind)
+                 for sl in slots],
+        "makespan": max(sl.end for sl in slots),
+        "bubble": schedule.bubble_fraction(),
+        "formula": bubble_formula(n_stages, n_microbatches),
+        "peak_in_flight": schedule.peak_in_flight(),
+        "n_stages": n_stages, "n_microbatches": n_microbatches, "mode": mode,
+    }
+
+
+def bubble_text(data: dict) -> str:
+    """One line: the idle fraction read off the chart, the formula, activations held."""
+    p, m = data["n_stages"], data["n_microbatches"]
+    return (f"p={p} stages, m={m} micro-batches: idle (bubble) fraction {data['bubble']:.3f}; "
+            f"formula (p-1)/(m+p-1) = {p - 1}/{m + p - 1} = {data['formula']:.3f}; "
+            f"most micro-batches' activations held by a stage: {max(data['peak_in_flight'])}")
+
+
+def draw_gantt(data: dict, max_microbatches: int = 16):
+    """Left: the Gantt chart (stage 0 on top). Right: bubble fraction against m for this p.
+
+    Returns a ``matplotlib.figure.Figure`` made without pyplot, so no backend shows it behind
+    the caller's back; :func:`show_figure` displays it once, as a PNG.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    p, m = data["n_stages"], data["n_microbatches"]
+    fig = Figure(figsize=(11, 0.5 * p + 2.2))
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
+    for stage, start, dur, label, kind in data["bars"]:
+        ax.barh(stage, dur, left=start, color=COLORS[kind], edgecolor="white")
+        if data["makespan"] <= 48:
+            ax.text(start + dur / 2, stage, label, ha="center", va="center", color="white", fontsize=8)
+    ax.set_ylim(p - 0.5, -0.5)
+    ax.set_xlim(0, data["makespan"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
+    ax.set_xlabel("time (one unit = one stage's work on one micro-batch)")
+    ax.set_facecolor("#eeeeee")   # the grey that shows through is the bubble
+    ax.set_title(f"{data['mode']}: bubble {data['bubble']:.3f}")
+    ms = list(range(1, max(max_microbatches, m) + 1))
+    ax2.plot(ms, [bubble_formula(p, k) for k in ms], color="grey", label="(p-1)/(m+p-1)")
+    ax2.plot([m], [data["bubble"]], "o", color="#C44E52", label=f"this schedule, m={m}")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("micro-batches m")
+    ax2.set_ylabel("idle fraction")
+    ax2.set_title(f"bubble vs m, p={p}")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+def show_figure(fig) -> None:
+    """Display a figure in a notebook as a PNG image."""
+    from IPython.display import Image, display
+
+    display(Image(data=figure_png(fig), format="png"))
+
+
+class PipelineBubbleWidget:
+    """Sliders for stages and micro-batches, a schedule dropdown, the chart and the numbers."""
+
+    def __init__(self, n_stages: int = 4, n_microbatches: int = 4,
+                 mode: str = "GPipe, inference (forward only)") -> None:
+        import ipywidgets as widgets
+
+        self.stages = widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p")
+        self.microbatches = widgets.IntSlider(value=n_microbatches, min=1, max=16,
+                                              description="micro-batches m")
+        self.schedule = widgets.Dropdown(options=list(MODES), value=mode, description="schedule",
+                                         layout=widgets.Layout(width="420px"))
+        self.bubble = widgets.HTML()
+        self.output = widgets.Output()
+        for w in (self.stages, self.microbatches, self.schedule):
+            w.observe(self._on_change, names="value")
+        self.box = widgets.VBox([widgets.HBox([self.stages, self.microbatches]), self.schedule,
+                                 self.bubble, self.output])
+        self.data: dict = {}
+        self.figure = None      # the last chart drawn (closed, kept for inspection)
+        self.update()
+
+    def _on_change(self, _change) -> None:
+        self.update()
+
+    def update(self) -> None:
+        self.data = gantt_data(self.stages.value, self.microbatches.value, self.schedule.value)
+        self.bubble.value = f"<span class='pipeline-bubble'>{bubble_text(self.data)}</span>"
+        self.figure = draw_gantt(self.data)
+        with self.output:
+            self.output.clear_output(wait=True)
+            show_figure(self.figure)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+
+def pipeline_widget(**kwargs) -> PipelineBubbleWidget:
+    """The interactive pipeline-bubble view (display it as the last line of a cell)."""
+    return PipelineBubbleWidget(**kwargs)
