@@ -197,19 +197,12 @@ def test_tp_not_dividing_heads_is_a_value_error_on_the_ranks():
 
 def _torch_parallelize_module(ids):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lessons_lib.parallel.plan import torch_tp_plan
 
     model = _tiny_lm()
-    plan = {"embed": RowwiseParallel(input_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate())}
-    for i in range(len(model.layers)):
-        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            plan[f"layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("attn.o_proj", "mlp.down_proj"):
-            plan[f"layers.{i}.{name}"] = RowwiseParallel()
-    parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), plan)
+    parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), torch_tp_plan(model))
     ours = parallelize(_tiny_lm(), tiny_lm_tp_plan(ModelConfig()))
     with torch.no_grad():
         return model(ids), ours(ids)

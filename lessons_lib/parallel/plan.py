@@ -91,6 +91,25 @@ def tiny_lm_tp_plan(config=None) -> dict:
     }
 
 
+def torch_tp_plan(model: nn.Module) -> dict:
+    """The same split written for PyTorch's ``parallelize_module``, to compare against ours.
+
+    Its ``ColwiseParallel`` cuts k/v_proj into equal slices and cannot replicate KV heads, so this
+    plan works only while tp divides ``n_kv_heads``.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {"embed": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(len(model.layers)):
+        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("attn.o_proj", "mlp.down_proj"):
+            plan[f"layers.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
 def validate_tp(config, tp: int) -> None:
     """Raise ``ValueError`` naming the parameter if ``tp`` cannot shard a tiny LM of ``config``."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
