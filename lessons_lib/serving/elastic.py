@@ -71,12 +71,13 @@ def elastic_main() -> None:
     if attempt == 0 and rank == 1:
         # Fail before joining the process group: the agent sees a dead rank, stops the others
         # (still waiting in rendezvous) and restarts the whole group.
-        print(f"attempt {attempt} rank {rank}: failing on purpose", flush=True)
+        # One write per line (newline included): ranks share torchrun's pipe and must not interleave.
+        print(f"attempt {attempt} rank {rank}: failing on purpose\n", end="", flush=True)
         sys.exit(3)
     rank, world = _init_for_attempt(attempt, timeout=60)
     t = torch.tensor([rank + 1.0])
     dist.all_reduce(t)
-    print(f"attempt {attempt} rank {rank}: all-reduce gave {t.item():.0f}", flush=True)
+    print(f"attempt {attempt} rank {rank}: all-reduce gave {t.item():.0f}\n", end="", flush=True)
     dist.destroy_process_group()
 
 
