@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lessons_lib.model import (ModelConfig, TinyLM, corpus_splits,
-                               count_parameters, generate, perplexity, save_checkpoint)
+                               count_parameters, generate, perplexity, random_windows,
+                               save_checkpoint)
 from lessons_lib.model.checkpoint import TINY_LM_PATH
 from lessons_lib.model.perplexity import CORPUS_PATH, VALID_FRACTION
 from lessons_lib.tokenizer import ByteTokenizer
@@ -40,16 +41,6 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def get_batch(train: torch.Tensor, batch_size: int, seq_len: int,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of the training bytes, each after a BOS (as at evaluation)."""
-    starts = torch.randint(0, train.numel() - seq_len, (batch_size,), generator=gen)
-    windows = torch.stack([train[s:s + seq_len] for s in starts.tolist()])
-    bos = torch.full((batch_size, 1), ByteTokenizer.bos_id, dtype=torch.long)
-    x = torch.cat([bos, windows], dim=1)
-    return x[:, :-1], x[:, 1:]
 
 
 def main() -> None:
@@ -87,7 +78,7 @@ def main() -> None:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        x, y = get_batch(train, args.batch_size, args.seq_len, gen)
+        x, y = random_windows(train, args.batch_size, args.seq_len, gen)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)

@@ -19,9 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..model import ModelConfig, TinyLM, load_checkpoint
+from ..model import ModelConfig, TinyLM, load_checkpoint, random_windows
 from ..model.checkpoint import TINY_LM_PATH
-from ..tokenizer import ByteTokenizer
 
 STUDENT_PATH = TINY_LM_PATH.with_name("student_lm.safetensors")
 # Half the width and half the depth of the teacher: about a quarter of its weights.
@@ -49,16 +48,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     log_target=True, reduction="batchmean") * temperature ** 2
     hard = F.cross_entropy(s, targets.reshape(-1), ignore_index=-100)
     return alpha * soft + (1 - alpha) * hard
-
-
-def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random training windows, each after a BOS, as inputs and next-token targets."""
-    starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
-    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-    bos = torch.full((batch_size, 1), ByteTokenizer.bos_id, dtype=torch.long)
-    x = torch.cat([bos, windows], dim=1)
-    return x[:, :-1], x[:, 1:]
 
 
 def distill(teacher: nn.Module, student: nn.Module, train_ids: torch.Tensor, *, steps: int = 300,

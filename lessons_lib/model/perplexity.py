@@ -19,6 +19,16 @@ CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
 VALID_FRACTION = 0.05
 
 
+def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random training windows of ``ids``, each after a BOS (as at evaluation): inputs and targets."""
+    starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    bos = torch.full((batch_size, 1), ByteTokenizer.bos_id, dtype=torch.long)
+    x = torch.cat([bos, windows], dim=1)
+    return x[:, :-1], x[:, 1:]
+
+
 def corpus_splits(path: str | Path | None = None, valid_fraction: float = VALID_FRACTION,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte ids of the corpus, split into (train, validation).

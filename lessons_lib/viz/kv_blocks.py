@@ -9,6 +9,7 @@ snapshot; :func:`kv_blocks_widget` puts a time slider over them.
 from __future__ import annotations
 
 from ..caching.paged_kv import BlockAllocator, OutOfBlocksError
+from . import redraw as redraw_output
 
 EVENT_KINDS = ("arrive", "grow", "finish")
 
@@ -111,12 +112,7 @@ def kv_blocks_widget(events: list[tuple] = EXAMPLE_EVENTS, num_blocks: int = 16,
 
     def redraw(_=None):
         box.snapshot = snapshots[slider.value]
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(8, 3.2))
-            draw_blocks(box.snapshot, ax)
-            plt.show()
-            plt.close(fig)
+        redraw_output(out, lambda ax: draw_blocks(box.snapshot, ax), figsize=(8, 3.2))
 
     slider.observe(redraw, names="value")
     redraw()

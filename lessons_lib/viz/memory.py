@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from ..memory import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memory_per_device
+from . import redraw as redraw_output
 
 PARTS = ("weights", "kv_cache", "activations")
 COLOURS = {"weights": "#4C72B0", "kv_cache": "#DD8452", "activations": "#55A868"}
@@ -75,12 +76,7 @@ class MemoryCalculator:
         except ValueError as err:  # an impossible combination: say why, keep the last picture
             self.message.value = f"<b>{err}</b>"
             return
-        with self.output:
-            self.output.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(8, 2.2))
-            draw_memory(self.report, ax)
-            plt.show()
-            plt.close(fig)
+        redraw_output(self.output, lambda ax: draw_memory(self.report, ax), figsize=(8, 2.2))
 
     def _ipython_display_(self):
         from IPython.display import display

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..cluster.placement import (BAD_ORDER, GOOD_ORDER, cross_node_bytes_per_token, place_ranks,
                                  placement_grid)
+from . import redraw as redraw_output
 
 
 def draw_placement(placement, ax=None, title: str = ""):
@@ -56,12 +57,8 @@ def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 81
         box.bytes = cross_node_bytes_per_token(box.placement, hidden, n_layers)
         text.value = (f"cross-node bytes per decode step (hidden={hidden}, {n_layers} layers, batch 1, bf16): "
                       f"TP {box.bytes['tp']:,.0f} + PP {box.bytes['pp']:,.0f} = <b>{box.bytes['total']:,.0f}</b>")
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(1.1 * devices_per_node + 1, 0.9 * nodes + 0.8))
-            draw_placement(box.placement, ax)
-            plt.show()
-            plt.close(fig)
+        redraw_output(out, lambda ax: draw_placement(box.placement, ax),
+                      figsize=(1.1 * devices_per_node + 1, 0.9 * nodes + 0.8))
 
     plan.observe(redraw, names="value")
     order.observe(redraw, names="value")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..comm.schedule import ring_schedule, simulate_ring
+from . import redraw as redraw_output
 
 
 def ring_frame(p: int, step: int, kind: str = "all_reduce") -> dict:
@@ -84,12 +85,7 @@ def ring_widget(p: int = 4, kind: str = "all_reduce"):
     def redraw(_=None):
         step_slider.max = len(ring_schedule(p_slider.value, kind))
         box.frame = ring_frame(p_slider.value, min(step_slider.value, step_slider.max), kind)
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(5.5, 5.5))
-            draw_ring(box.frame, ax)
-            plt.show()
-            plt.close(fig)
+        redraw_output(out, lambda ax: draw_ring(box.frame, ax), figsize=(5.5, 5.5))
 
     p_slider.observe(redraw, names="value")
     step_slider.observe(redraw, names="value")
