@@ -272,3 +272,14 @@ def test_positions_beyond_max_seq_len_are_refused():
     with pytest.raises(ValueError, match="max_seq_len=128"):
         model(torch.zeros(1, SMALL.max_seq_len + 1, dtype=torch.long))
     assert math.isclose(kv_cache_bytes_per_token(SMALL), 2 * 2 * 2 * 16 * 4)
+
+
+def test_generation_beyond_max_seq_len_is_refused_before_any_work():
+    model = TinyLM(SMALL)
+    ids = torch.zeros(2, 100, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0                              # padding takes no position
+    with pytest.raises(ValueError, match=r"max_new_tokens=29 after a prompt of 100 tokens needs 129 "
+                                         r"positions, beyond max_seq_len=128: choose max_new_tokens <= 28"):
+        generate(model, ids, 29, attention_mask=mask)
+    assert generate(model, ids, 28, attention_mask=mask).shape == (2, 128)

@@ -60,6 +60,22 @@ def _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k) -
             raise ValueError("attention_mask has a row with no real tokens (all zeros)")
 
 
+def check_context_length(max_seq_len: int | None, attention_mask: torch.Tensor,
+                         max_new_tokens: int) -> None:
+    """Refuse, before any work, a generation whose prompt and new tokens outgrow the model.
+
+    The context window holds each row's real prompt tokens and its new tokens; padding
+    takes no position. ``max_seq_len=None`` (a model that does not say) checks nothing.
+    """
+    if max_seq_len is None or max_new_tokens == 0 or attention_mask.shape[0] == 0:
+        return                     # (a data-parallel rank may get no rows of a small batch)
+    longest = int(attention_mask.sum(dim=1).max())
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
+                         f"{longest + max_new_tokens} positions, beyond max_seq_len={max_seq_len}: "
+                         f"choose max_new_tokens <= {max(0, max_seq_len - longest)}")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
              attention_mask: torch.Tensor | None = None, greedy: bool = True,
@@ -91,6 +107,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k)
     batch = input_ids.shape[0]
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.long())
+    check_context_length(getattr(getattr(model, "config", None), "max_seq_len", None), mask,
+                         max_new_tokens)
     generator = None
     if not greedy and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -108,10 +126,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         q_len = step_ids.shape[1]
         logits = model(step_ids, positions=make_positions(mask, q_len),
                        attention_mask=mask, cache=cache)
-        # Read each row's logits at its last real token: with right padding that
-        # is not the last column in the first step.
-        last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
-        last_logits = logits[torch.arange(batch, device=logits.device), last]
+        if q_len == 1:
+            last_logits = logits[:, 0]
+        else:
+            # Read each row's logits at its last real token: with right padding
+            # that is not the last column.
+            last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
+            last_logits = logits[torch.arange(batch, device=logits.device), last]
         next_ids = sample_next_token(last_logits, greedy=greedy, temperature=temperature,
                                      top_k=top_k, generator=generator)
         if eos_id is not None:

@@ -18,6 +18,7 @@ applied from outside:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,15 +42,21 @@ def make_positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     return positions.clamp(min=0)[:, -q_len:]
 
 
-def make_attention_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+def make_attention_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor | None:
     """Boolean (batch, 1, q_len, total_len) mask: True where a query may attend a key.
 
     A query attends keys that are (a) not after it (causal) and (b) real tokens.
     Every query may also attend itself, so a pad query's row is never all-masked:
     an all-masked row gives a softmax of NaN, and a NaN key or value in the cache
     would poison real rows too (0 x NaN is NaN).
+
+    Returns ``None`` for one query over a batch with no padding (every decode step of
+    an unpadded batch): that query may attend every key, which is what attention does
+    with no mask, and skipping the mask saves a dozen small ops per step.
     """
     batch, total = attention_mask.shape
+    if q_len == 1 and bool(attention_mask.all()):
+        return None
     past = total - q_len
     q_idx = torch.arange(past, total, device=attention_mask.device)[:, None]
     k_idx = torch.arange(total, device=attention_mask.device)[None, :]
@@ -76,30 +83,50 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines for rotary embeddings, shape (batch, 1, seq, head_dim).
+@functools.lru_cache(maxsize=16)
+def rotary_table(head_dim: int, theta: float, length: int,
+                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and signed sines of every position below ``length``, each (length, head_dim).
 
     Feature pair i rotates by angle ``position * theta ** (-2i / head_dim)``: fast
-    for early pairs, slow for late ones. Computed from ``positions`` each call, so
-    padded and cached sequences need no special table.
+    for early pairs, slow for late ones. The angles depend only on the position, so
+    they are computed once per shape and looked up by position afterwards, as
+    production engines do: a decode step then costs one lookup per layer instead
+    of recomputing powers, cosines and sines.
+
+    The sine table carries the sign of the rotation: -sin on the first half of the
+    features, +sin on the second (see :func:`apply_rotary`).
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
-                                       dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq                # (batch, seq, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]            # (batch, 1, seq, head_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)                    # (length, head_dim)
+    sign = torch.ones(head_dim, device=device)
+    sign[: head_dim // 2] = -1
+    return angles.cos(), angles.sin() * sign
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                   max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and signed sines for ``positions`` (batch, seq), each (batch, 1, seq, head_dim).
+
+    Read from :func:`rotary_table`, so padded and cached sequences need nothing
+    special: a token's angles depend only on its position id.
+    """
+    cos, sin = rotary_table(head_dim, float(theta), max_seq_len, positions.device)
+    return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate feature pairs (x_i, x_{i+d/2}) of ``x`` (batch, heads, seq, head_dim).
 
+    The pair becomes ``(x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin)``. Rolling
+    the features by half swaps the halves, and the signed sine table supplies the
+    minus, so the rotation is one roll, two products and a sum.
+
     Rotating q and k by their positions makes q.k depend only on the distance
     between the two tokens: relative position, for free, inside attention.
     """
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -109,6 +136,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
+        self.max_seq_len = config.max_seq_len
         self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -129,7 +157,8 @@ class Attention(nn.Module):
         k = k.view(batch, seq, n_kv, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, n_kv, self.head_dim).transpose(1, 2)
 
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype,
+                                  self.max_seq_len)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)          # now (batch, n_kv, past + seq, head_dim)

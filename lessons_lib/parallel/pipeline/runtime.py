@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ...model.generate import check_context_length
 from ...model.kv_cache import KVCache
 from .p2p import TensorReceiver, send_tensor, wait_all
 from .partition import microbatch_sizes
@@ -119,6 +120,7 @@ class PipelineInference:
         batch = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         microbatch_sizes(batch, self.n_microbatches)        # fail early, on every rank alike
+        check_context_length(self.stage.max_seq_len, mask, max_new_tokens)
         caches = [KVCache() for _ in range(self.n_microbatches)]
         last_rank = self.mesh.ranks("pp")[-1]
         ids = input_ids

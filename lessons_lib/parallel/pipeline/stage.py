@@ -44,6 +44,8 @@ class PipelineStageModule(nn.Module):
         self.embed = model.embed if self.is_first else None
         self.norm = model.norm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
+        # The context window, when the model states one: generation checks it up front.
+        self.max_seq_len = getattr(getattr(model, "config", None), "max_seq_len", None)
 
     @property
     def is_first(self) -> bool:
