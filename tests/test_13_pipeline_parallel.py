@@ -13,6 +13,7 @@ from lessons_lib.parallel.pipeline import (Action, Schedule, bubble_formula, gpi
                                            microbatch_sizes, one_f_one_b, partition_layers,
                                            split_microbatches)
 from lessons_lib.parallel.pipeline.p2p import decode_header, encode_header
+from lessons_lib.parallel.pipeline.bubble import measure_idle_fraction
 from lessons_lib.viz.pipeline import MODES, PipelineBubbleWidget, bubble_text, gantt_data
 
 pytestmark = pytest.mark.lesson13
@@ -91,6 +92,26 @@ def test_a_schedule_whose_stages_wait_on_each_other_is_reported_as_a_deadlock():
 def test_idle_fraction_from_busy_intervals():
     # Two stages, 0..2 and 1..3 busy over a 3-unit span: 4 busy of 6 -> 1/3 idle.
     assert idle_fraction([[(None, 0.0, 2.0)], [(None, 1.0, 3.0)]]) == pytest.approx(1 / 3)
+
+
+def test_measured_idle_fraction_of_device_like_work_is_not_below_the_formula():
+    # Every action holds its stage for at least action_s and can only overrun, so the
+    # measured idle fraction cannot fall below the schedule's bubble (p-1)/(m+p-1), give or
+    # take an overrun off the critical path. Busy time counted twice, or a stage that
+    # started before its input arrived, would push it below. (No upper bound: hand-off
+    # latency depends on the machine; benchmarks/parallel.py measures the gap.)
+    measured = measure_idle_fraction(2, 4, workload="device", action_s=0.02, trials=1)
+    assert bubble_formula(2, 4) - 0.05 <= measured < 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"workload": "gpu"}, r"workload='gpu'; choose one of \('device', 'cpu'\)"),
+    ({"action_s": 0}, r"action_s=0 must be > 0"),
+    ({"trials": 0}, r"trials=0 must be an integer >= 1"),
+])
+def test_measure_idle_fraction_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        measure_idle_fraction(2, 2, **kwargs)
 
 
 # -- p2p with shapes first ---------------------------------------------------------------
@@ -189,6 +210,22 @@ def test_more_microbatches_than_rows_is_a_clear_error_on_every_rank():
         run_distributed(_too_many_microbatches, 2)
     assert info.value.remote_type == "ValueError"
     assert "n_microbatches=6" in str(info.value.remote_traceback)
+
+
+def _beyond_the_context_window():
+    from lessons_lib.parallel.mesh import Mesh
+    from lessons_lib.parallel.pipeline import PipelineInference, build_stage
+    mesh = Mesh(pp=2)
+    model = _model()
+    runner = PipelineInference(build_stage(model, mesh), mesh)
+    return runner.generate(_prompt(), model.config.max_seq_len)
+
+
+def test_generation_beyond_max_seq_len_is_a_clear_error_before_any_step():
+    with pytest.raises(DistributedError) as info:
+        run_distributed(_beyond_the_context_window, 2)
+    assert info.value.remote_type == "ValueError"
+    assert "beyond max_seq_len=" in str(info.value.remote_traceback)
 
 
 # -- torch.distributed.pipelining: same answer with fixed shapes, stale when shapes change ---

@@ -1,21 +1,46 @@
-"""Measuring the bubble: run a schedule with a fixed amount of work per action and time it.
+"""Measuring the bubble: run a schedule with the same work in every action and time it.
 
-Each action does the same matrix multiplications (no sleeping: the CPU really works), the
-executor records when each stage is busy, and the idle fraction is read off those intervals:
-``1 - busy / (stages x wall time)``. With equal work per action it should approach the
-formula ``(p - 1) / (m + p - 1)``; what is left over is communication and scheduling noise
-(and, on a machine with fewer cores than ranks, stages slowing each other down).
+The executor records when each stage is busy, and the idle fraction is read off those
+intervals: ``1 - busy / (stages x wall time)``. With equal work per action it should approach
+the formula ``(p - 1) / (m + p - 1)``; what is left over is the latency of each hand-off.
+
+Two kinds of work per action:
+
+* ``"device"``: the stage is held for a fixed time without using a CPU core, as a host is while
+  its accelerator runs the stage's kernels. Stages never compete for cores, so this measures the
+  schedule and the hand-offs, on any machine.
+* ``"cpu"``: real matrix products on the stage's core. Stages that overlap (the steady state)
+  compete for cores when the machine has fewer free cores than stages, and every action slows
+  down exactly then; the idle fraction measured this way includes that contention.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 from .runtime import execute, idle_fraction
 from .schedule import make_schedule
 
+WORKLOADS = ("device", "cpu")
 
-def matmul_workload(size: int = 96, repeats: int = 40):
+
+def device_workload(seconds: float = 0.05):
+    """A ``compute(microbatch, x)`` that holds the stage for ``seconds`` and returns ``x``.
+
+    It waits as a host waits on an accelerator: the core is free meanwhile, so four stages on a
+    two-core machine still run side by side, as four GPUs would.
+    """
+    def compute(microbatch: int, x: torch.Tensor) -> torch.Tensor:
+        deadline = time.perf_counter() + seconds
+        while (left := deadline - time.perf_counter()) > 0:
+            time.sleep(left)
+        return x
+    return compute
+
+
+def matmul_workload(size: int = 128, repeats: int = 300):
     """A ``compute(microbatch, x)`` that does ``repeats`` (size x size) matmuls, then passes a
     small activation on. The same work for every micro-batch, whatever its input."""
     gen = torch.Generator().manual_seed(0)
@@ -30,14 +55,21 @@ def matmul_workload(size: int = 96, repeats: int = 40):
     return compute
 
 
-def _rank_records(n_microbatches: int, schedule: str, size: int, repeats: int, trials: int = 1):
+def _make_workload(workload: str, action_s: float, size: int, repeats: int):
+    if workload == "device":
+        return device_workload(action_s)
+    return matmul_workload(size, repeats)
+
+
+def _rank_records(n_microbatches: int, schedule: str, workload: str, action_s: float, size: int,
+                  repeats: int, trials: int = 1):
     """Run on every rank of a pure pipeline (world = pp): this stage's busy intervals, per trial
     (after one warm-up run)."""
     from ..mesh import Mesh
 
     mesh = Mesh(pp=torch.distributed.get_world_size())
-    sched = make_schedule(schedule, mesh.pp, n_microbatches)
-    compute = matmul_workload(size, repeats)
+    sched = make_schedule(schedule, mesh.pp, n_microbatches, backward=False)
+    compute = _make_workload(workload, action_s, size, repeats)
     inputs = [torch.zeros(4, 8) for _ in range(n_microbatches)]
     per_trial = []
     for _ in range(trials + 1):
@@ -49,15 +81,25 @@ def _rank_records(n_microbatches: int, schedule: str, size: int, repeats: int, t
     return per_trial[1:]
 
 
-def measure_idle_fraction(n_stages: int, n_microbatches: int, schedule: str = "gpipe",
-                          size: int = 128, repeats: int = 300, trials: int = 5,
-                          timeout: float = 120) -> float:
+def measure_idle_fraction(n_stages: int, n_microbatches: int, schedule: str = "gpipe", *,
+                          workload: str = "device", action_s: float = 0.05, size: int = 128,
+                          repeats: int = 300, trials: int = 5, timeout: float = 120) -> float:
     """Run the schedule ``trials`` times on ``n_stages`` ranks; return the idle fraction of the
-    fastest run (best of k: the run least disturbed by other programs on the machine)."""
+    fastest run (best of k: the run least disturbed by other programs on the machine).
+
+    ``workload="device"`` holds each action for ``action_s`` seconds without using a core;
+    ``workload="cpu"`` does ``repeats`` (size x size) matmuls per action.
+    """
     from ...launch import run_distributed
 
-    per_rank = run_distributed(_rank_records, n_stages, n_microbatches, schedule, size, repeats,
-                               trials, timeout=timeout)
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload={workload!r}; choose one of {WORKLOADS}")
+    if not action_s > 0:
+        raise ValueError(f"action_s={action_s!r} must be > 0 seconds")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials={trials!r} must be an integer >= 1")
+    per_rank = run_distributed(_rank_records, n_stages, n_microbatches, schedule, workload,
+                               action_s, size, repeats, trials, timeout=timeout)
     runs = [[per_rank[r][t] for r in range(n_stages)] for t in range(trials)]
 
     def span(run):
