@@ -6,6 +6,9 @@ Perplexity is on the whole held-out split of the corpus. "Linear bytes" counts
 every Linear layer's stored weights (float32 weights; int8 codes + bfloat16 row
 scales; packed int4 codes + bfloat16 scale/zero pairs); "all bytes" adds the
 float32 embedding and norms. Decode rate: greedy, batch 1, best of 7 interleaved rounds, one thread.
+
+A second table repeats the int8-vs-fp32 decode comparison on wider models of the same
+architecture, to show where weight-only int8 starts to pay on this CPU.
 """
 
 from __future__ import annotations
@@ -15,31 +18,12 @@ import warnings
 
 import torch
 
-from lessons_lib.compression import (Measurement, heldout_ids, linear_weight_bytes, load_student,
+from lessons_lib.compression import (Measurement, decode_rates, heldout_ids, linear_weight_bytes, load_student,
                                      model_bytes, prune_2_4, prune_mlp_channels, prune_unstructured,
                                      quantize_model)
-from lessons_lib.model import generate, load_tiny_lm, perplexity
-from lessons_lib.tokenizer import ByteTokenizer
+from lessons_lib.model import load_tiny_lm, perplexity
 
 NEW_TOKENS, ROUNDS = 64, 7
-
-
-def interleaved_decode_rates(models: dict) -> dict:
-    """Best decode rate of each model over ROUNDS rounds, every model timed once per round.
-
-    Interleaving puts every model through the same moments of machine load, so the
-    ratios are fairer than timing one model after another.
-    """
-    ids = torch.tensor([ByteTokenizer().encode("The KV cache")])
-    for m in models.values():
-        generate(m, ids, 4)                                  # warm-up
-    best = {name: 0.0 for name in models}
-    for _ in range(ROUNDS):
-        for name, m in models.items():
-            timings: dict = {}
-            generate(m, ids, NEW_TOKENS, timings=timings)
-            best[name] = max(best[name], (NEW_TOKENS - 1) / timings["decode_s"])
-    return best
 
 
 def serialized_bytes(model) -> int:
@@ -64,7 +48,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # torch.ao.quantization is deprecated in this torch
         dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    rates = interleaved_decode_rates({**variants, "dynamic": dynamic})
+    rates = decode_rates({**variants, "dynamic": dynamic}, new_tokens=NEW_TOKENS, rounds=ROUNDS)
     rows: list[Measurement] = [Measurement(name, linear_weight_bytes(m), model_bytes(m),
                                            perplexity(m, valid), rates[name])
                                for name, m in variants.items()]
@@ -88,6 +72,31 @@ def main() -> None:
           f"{dyn_rate / base.tokens_per_s:>5.2f}x")
     print("(quantize_dynamic's size ratio is of torch.save'd state dicts: its packed weights are not "
           "parameters or buffers)")
+    width_sweep()
+
+
+SWEEP_DIMS = (128, 512, 1024)
+
+
+def width_sweep() -> None:
+    """int8 vs fp32 decode speed as the same architecture widens (random weights: speed does not
+    depend on their values). Batch-1 decode reads every weight once per token; once the weights
+    outgrow the CPU caches that reading is the cost, and int8's 4x fewer bytes show."""
+    from lessons_lib.model import ModelConfig, TinyLM
+
+    print(f"\nint8 vs fp32 decode as the model widens (tiny LM architecture, 4 layers, random weights, "
+          f"batch 1, best of {ROUNDS} interleaved rounds)")
+    header = f"{'dim':>5} | {'ffn':>5} | {'fp32 Linear MB':>14} | {'fp32 tok/s':>10} | {'int8 tok/s':>10} | {'int8 speed':>10}"
+    print(header)
+    print("-" * len(header))
+    for dim in SWEEP_DIMS:
+        torch.manual_seed(0)
+        config = ModelConfig(dim=dim, ffn_dim=3 * dim, n_heads=dim // 32, n_kv_heads=dim // 64)
+        fp32 = TinyLM(config).eval()
+        rates = decode_rates({"fp32": fp32, "int8": quantize_model(fp32, "int8")}, new_tokens=NEW_TOKENS,
+                             rounds=ROUNDS)
+        print(f"{dim:>5} | {3 * dim:>5} | {linear_weight_bytes(fp32) / 2 ** 20:>14.1f} | {rates['fp32']:>10.0f} | "
+              f"{rates['int8']:>10.0f} | {rates['int8'] / rates['fp32']:>9.2f}x")
 
 
 if __name__ == "__main__":

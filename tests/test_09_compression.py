@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lessons_lib.compression import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8,
+from lessons_lib.compression import (Int4Linear, Int8Linear, decode_rates, dequantize_int4, dequantize_int8,
                                      distillation_loss, heldout_ids, linear_weight_bytes,
                                      prune_2_4, prune_attention_heads, prune_mlp_channels,
                                      prune_unstructured, quantize_int4, quantize_int8,
@@ -164,3 +164,12 @@ def test_int8_perplexity_is_within_two_percent_on_held_out_text():
     int8 = perplexity(quantize_model(trained, "int8"), valid)
     assert base < 10, "the trained model should be far better than uniform (264)"
     assert int8 <= base * 1.02, (base, int8)
+
+
+def test_decode_rates_times_every_model_and_refuses_bad_counts(model):
+    rates = decode_rates({"fp32": model, "int8": quantize_model(model, "int8")}, new_tokens=3, rounds=1)
+    assert set(rates) == {"fp32", "int8"} and all(rate > 0 for rate in rates.values())
+    with pytest.raises(ValueError, match=r"rounds=0 must be an integer >= 1"):
+        decode_rates({"fp32": model}, rounds=0)
+    with pytest.raises(ValueError, match=r"new_tokens=1 must be an integer >= 2"):
+        decode_rates({"fp32": model}, new_tokens=1)

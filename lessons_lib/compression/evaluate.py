@@ -28,16 +28,29 @@ def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
     return valid[:n_bytes]
 
 
-def decode_tokens_per_s(model: nn.Module, prompt: str = "The KV cache", new_tokens: int = 48,
-                        repeats: int = 3) -> float:
-    """Greedy decode rate at batch 1 (tokens after the first, per second), best of ``repeats``."""
+def decode_rates(models: dict[str, nn.Module], prompt: str = "The KV cache", new_tokens: int = 64,
+                 rounds: int = 7) -> dict[str, float]:
+    """Greedy decode rate at batch 1 of each model (tokens after the first, per second).
+
+    Every round times each model once, in turn, and each model keeps its best round.
+    Interleaving puts every model through the same moments of machine load, so the
+    ratios between them are fairer than timing one model after another; the best
+    round is the one least disturbed by other programs.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r} must be an integer >= 1")
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens!r} must be an integer >= 2 (the first comes "
+                         "from the prefill; the rate is of the ones after it)")
     ids = torch.tensor([ByteTokenizer().encode(prompt)])
-    generate(model, ids, 4)                  # warm-up: first calls allocate and dispatch
-    best = 0.0
-    for _ in range(repeats):
-        timings: dict = {}
-        generate(model, ids, new_tokens, timings=timings)
-        best = max(best, (new_tokens - 1) / timings["decode_s"])
+    for model in models.values():
+        generate(model, ids, 4)              # warm-up: first calls allocate and dispatch
+    best = {name: 0.0 for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            timings: dict = {}
+            generate(model, ids, new_tokens, timings=timings)
+            best[name] = max(best[name], (new_tokens - 1) / timings["decode_s"])
     return best
 
 
