@@ -41,6 +41,20 @@ def sample_next_token(logits: torch.Tensor, *, greedy: bool = True, temperature:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's logits (batch, vocab) at its last real token.
+
+    ``logits`` covers the last ``q_len`` columns of ``attention_mask``. With right
+    padding the last real token is not the last column of a prefill; a one-token
+    decode step has only one column to read.
+    """
+    q_len = logits.shape[1]
+    if q_len == 1:
+        return logits[:, 0]
+    last = q_len - 1 - attention_mask[:, -q_len:].flip(1).argmax(dim=1)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
+
+
 def _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
@@ -126,13 +140,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         q_len = step_ids.shape[1]
         logits = model(step_ids, positions=make_positions(mask, q_len),
                        attention_mask=mask, cache=cache)
-        if q_len == 1:
-            last_logits = logits[:, 0]
-        else:
-            # Read each row's logits at its last real token: with right padding
-            # that is not the last column.
-            last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
-            last_logits = logits[torch.arange(batch, device=logits.device), last]
+        last_logits = last_token_logits(logits, mask)
         next_ids = sample_next_token(last_logits, greedy=greedy, temperature=temperature,
                                      top_k=top_k, generator=generator)
         if eos_id is not None:

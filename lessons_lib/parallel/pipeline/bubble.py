@@ -55,12 +55,6 @@ def matmul_workload(size: int = 128, repeats: int = 300):
     return compute
 
 
-def _make_workload(workload: str, action_s: float, size: int, repeats: int):
-    if workload == "device":
-        return device_workload(action_s)
-    return matmul_workload(size, repeats)
-
-
 def _rank_records(n_microbatches: int, schedule: str, workload: str, action_s: float, size: int,
                   repeats: int, trials: int = 1):
     """Run on every rank of a pure pipeline (world = pp): this stage's busy intervals, per trial
@@ -69,7 +63,7 @@ def _rank_records(n_microbatches: int, schedule: str, workload: str, action_s: f
 
     mesh = Mesh(pp=torch.distributed.get_world_size())
     sched = make_schedule(schedule, mesh.pp, n_microbatches, backward=False)
-    compute = _make_workload(workload, action_s, size, repeats)
+    compute = device_workload(action_s) if workload == "device" else matmul_workload(size, repeats)
     inputs = [torch.zeros(4, 8) for _ in range(n_microbatches)]
     per_trial = []
     for _ in range(trials + 1):

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ...model.generate import check_context_length
+from ...model.generate import check_context_length, last_token_logits
 from ...model.kv_cache import KVCache
 from .p2p import TensorReceiver, send_tensor, wait_all
 from .partition import microbatch_sizes
@@ -126,14 +126,10 @@ class PipelineInference:
         ids = input_ids
         for step in range(max_new_tokens):
             step_ids = ids if step == 0 else ids[:, -1:]   # prefill, then one token per step
-            q_len = step_ids.shape[1]
             outs = self._run(step_ids, mask, caches)
             next_ids = torch.empty(batch, dtype=torch.long)
             if outs is not None:
-                logits = torch.cat(outs)
-                # The last real token of each row (right padding shifts it left on the prefill).
-                last = q_len - 1 - mask[:, -q_len:].flip(1).argmax(dim=1)
-                next_ids = logits[torch.arange(batch), last].argmax(dim=-1)
+                next_ids = last_token_logits(torch.cat(outs), mask).argmax(dim=-1)
             dist.broadcast(next_ids, src=last_rank, group=self.mesh.pp_group)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
