@@ -83,7 +83,7 @@ def main() -> None:
           f"{dyn_rate / base.tokens_per_s:>5.2f}x")
     print("(quantize_dynamic's size ratio is of torch.save'd state dicts: its packed weights are not "
           "parameters or buffers)")
-    int8 = rows[[r.name for r in rows].index("int8 weight-only")]
+    int8 = next(r for r in rows if r.name == "int8 weight-only")
     smaller = base.linear_bytes / int8.linear_bytes
     ppl_change = 100 * (int8.perplexity / base.perplexity - 1)
     print(f"goal: int8 at least 3.9x smaller: {smaller:.2f}x ({'met' if smaller >= 3.9 else 'NOT met'}); "
@@ -118,8 +118,9 @@ def compiled_comparison(fp32, int8) -> None:
         f"best of {ROUNDS} interleaved rounds; compiling is not timed)",
         f"{'mode':<9} | {'fp32 tok/s':>10} | {'int8 tok/s':>10} | {'int8 speed':>10} | "
         f"{'fp32 vs eager fp32':>18} | {'int8 vs eager fp32':>18}",
-        [f"{mode:<9} | {f:>10.0f} | {q:>10.0f} | {q / f:>9.2f}x | {f / base:>17.2f}x | {q / base:>17.2f}x"
-         for mode in ("eager", "compiled") for f, q in [(rates[f"fp32 {mode}"], rates[f"int8 {mode}"])]])
+        [f"{mode:<9} | {rates[f'fp32 {mode}']:>10.0f} | {rates[f'int8 {mode}']:>10.0f} | "
+         f"{rates[f'int8 {mode}'] / rates[f'fp32 {mode}']:>9.2f}x | {rates[f'fp32 {mode}'] / base:>17.2f}x | "
+         f"{rates[f'int8 {mode}'] / base:>17.2f}x" for mode in ("eager", "compiled")])
     print("greedy tokens, compiled vs eager: " + ", ".join(
         f"{name} {'identical' if ok else 'DIFFERENT'}" for name, ok in same.items()))
     for mode in ("eager", "compiled"):
