@@ -64,19 +64,27 @@ def _evaluate(exercise_id: str, candidate) -> CheckResult:
         message = checker(candidate)
     except Incorrect as wrong:
         return CheckResult(exercise_id, INCORRECT, str(wrong))
-    except Exception as exc:  # noqa: BLE001 - a learner's bug is feedback, not a crash
+    except KeyboardInterrupt:
+        raise   # Ctrl-C (a kernel interrupt) stops the cell, as everywhere else
+    except BaseException as exc:  # noqa: BLE001 - a learner's bug is feedback, not a crash
         if _is_stub(exc):
             return CheckResult(exercise_id, NOT_ATTEMPTED,
                                "replace `raise NotImplementedError()` with your code")
         summary = exc.summary if isinstance(exc, DistributedError) else str(exc)
-        return CheckResult(exercise_id, INCORRECT,
-                           f"your code raised {type(exc).__name__}: {summary}".rstrip(": "))
+        verdict = f"your code raised {type(exc).__name__}: {summary}".rstrip(": ")
+        if not isinstance(exc, Exception):
+            verdict += (f" ({type(exc).__name__} is not an error but a request to stop: "
+                        f"in a notebook, return a value or raise an exception instead)")
+        return CheckResult(exercise_id, INCORRECT, verdict)
     return CheckResult(exercise_id, CORRECT, message or "")
 
 
 def check(exercise_id: str, candidate) -> None:
     """Check ``candidate`` (usually your function) for exercise ``exercise_id``; print the verdict.
 
+    Whatever the candidate raises becomes the verdict, ``SystemExit`` from ``sys.exit()``
+    and other ``BaseException``s included, so a check never ends the notebook's cell
+    abruptly; only ``KeyboardInterrupt`` passes through, so Ctrl-C still stops a check.
     The verdict is also appended to :data:`HISTORY`, where tests read it.
     """
     result = _evaluate(exercise_id, candidate)
