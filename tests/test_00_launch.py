@@ -130,6 +130,7 @@ def test_a_hang_in_a_collective_times_out():
     elapsed = time.perf_counter() - start
     assert 2 <= elapsed < 30  # generous: this machine may be busy
     assert (info.value.rank, info.value.kind, info.value.failed_ranks) == (0, "timeout", (0,))
+    assert info.value.missing_ranks == (1,)   # rank 1 returned without joining the all_reduce
     assert "timeout=2" in str(info.value)
     shutdown()
     assert live_children() == []
@@ -172,35 +173,6 @@ def test_no_temporary_files_are_left(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("world_size, error, words", [
-    (0, ValueError, "world_size must be an int >= 1"),
-    (-3, ValueError, "world_size must be an int >= 1"),
-    (2.0, TypeError, "world_size must be an int"),
-    ("2", TypeError, "world_size must be an int"),
-    (True, TypeError, "world_size must be an int"),
-    (10_000, ValueError, "world_size=10000 is more ranks"),
-])
-def test_bad_world_size(world_size, error, words):
-    with pytest.raises(error, match=words):
-        run_distributed(rank_and_pid, world_size)
-
-
-@pytest.mark.parametrize("timeout", [0, -1, "5", None, True])
-def test_bad_timeout(timeout):
-    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
-        run_distributed(rank_and_pid, 2, timeout=timeout)
-
-
-def test_bad_fn_and_backend():
-    with pytest.raises(TypeError, match="fn must be callable"):
-        run_distributed("not a function", 2)
-    with pytest.raises(ValueError, match="backend must be 'gloo', 'nccl' or None"):
-        run_distributed(rank_and_pid, 2, backend="mpi")
-    if torch.cuda.device_count() < 2:
-        with pytest.raises(ValueError, match="backend='nccl' needs 2 CUDA GPUs"):
-            run_distributed(rank_and_pid, 2, backend="nccl")
-
-
 def test_unpicklable_arguments_are_a_clear_error():
     with pytest.raises(TypeError, match="must be picklable"):
         run_distributed(rank_and_pid, 2, threading.Lock())
@@ -213,10 +185,12 @@ def test_init_from_env_outside_torchrun_says_how_to_launch(monkeypatch):
         init_from_env()
 
 
-def test_the_same_worker_code_runs_under_torchrun():
+def test_the_same_worker_code_runs_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "lessons_lib.hello"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    # torchrun keeps a torchelastic_* log folder in the temporary directory: keep it in ours.
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     for rank in range(2):
         assert f"rank {rank} of 2: sum of rank ids = 1" in done.stdout

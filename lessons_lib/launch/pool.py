@@ -5,11 +5,15 @@ started on first use and kept, so the next call with the same world size costs
 a message round-trip. Any failure (an exception, a dead rank, a timeout, an
 interrupt) stops the whole pool: a process group in which one rank failed
 mid-collective cannot be trusted again, and a fresh pool is cheap by comparison.
+
+Each rank leads its own process group, so stopping a rank also ends every process
+it started (a ``subprocess.Popen`` in ``fn``), which would otherwise outlive it.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -17,14 +21,26 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 
+from . import hang
 from .errors import DistributedError
 
 STARTUP_TIMEOUT_S = 180.0   # import torch + join the group, on a busy 2-core laptop
-GROUP_TIMEOUT_S = 600.0     # torch's own collective timeout; the caller's `timeout` acts first
+MIN_STARTUP_S = 60.0        # the least start-up is given, even under a smaller `timeout`
+MAX_TIMEOUT_S = 86_400      # a call waiting longer than a day is a hang, not work
+# torch's own collective timeout: longer than any `timeout`, so the caller's acts first.
+GROUP_TIMEOUT_S = MAX_TIMEOUT_S + 60.0
+STACK_WAIT_S = 2.0          # how long a hung rank has to write its stack
+
+
+def startup_limit(timeout: float) -> float:
+    """Seconds start-up may take in a call with this ``timeout``: the timeout itself,
+    but at least :data:`MIN_STARTUP_S` (a cold start imports torch on every rank)
+    and at most :data:`STARTUP_TIMEOUT_S`."""
+    return min(STARTUP_TIMEOUT_S, max(MIN_STARTUP_S, timeout))
 
 
 class WorkerPool:
-    def __init__(self, world_size: int, backend: str, threads: int):
+    def __init__(self, world_size: int, backend: str, threads: int, startup_s: float):
         import torch.distributed as dist
 
         self.world_size, self.backend, self.threads = world_size, backend, threads
@@ -33,38 +49,54 @@ class WorkerPool:
                                     wait_for_workers=False)
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
+        self._dumps: list[int] = []   # read ends of the ranks' stack-dump pipes
         try:
-            self._start()
+            self._start(startup_s)
         except BaseException:
             self.close(kill=True)
             raise
 
     # -- lifecycle -----------------------------------------------------------------
-    def _start(self) -> None:
+    def _spawn(self, rank: int, env: dict) -> None:
+        parent_end, child_end = socket.socketpair()
+        dump_read, dump_write = os.pipe()
+        cmd = [sys.executable, "-m", "lessons_lib.launch._worker", str(child_end.fileno()),
+               str(dump_write), str(rank), str(self.world_size), "127.0.0.1",
+               str(self._store.port), self.backend, str(self.threads), str(GROUP_TIMEOUT_S)]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(), dump_write), env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            parent_end.close()
+            os.close(dump_read)
+            raise
+        finally:
+            child_end.close()
+            os.close(dump_write)
+        os.set_blocking(dump_read, False)
+        self._procs.append(proc)
+        self._conns.append(Connection(parent_end.detach()))
+        self._dumps.append(dump_read)
+
+    def _start(self, startup_s: float) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         for rank in range(self.world_size):
-            parent_end, child_end = socket.socketpair()
-            cmd = [sys.executable, "-m", "lessons_lib.launch._worker", str(child_end.fileno()),
-                   str(rank), str(self.world_size), "127.0.0.1", str(self._store.port),
-                   self.backend, str(self.threads), str(GROUP_TIMEOUT_S)]
-            proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(),), env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            child_end.close()
-            self._procs.append(proc)
-            self._conns.append(Connection(parent_end.detach()))
-        info = {"sys_path": [p if p else os.getcwd() for p in sys.path], "cwd": os.getcwd()}
+            self._spawn(rank, env)
+        info = {"sys_path": caller_sys_path(), "cwd": os.getcwd()}
         for conn in self._conns:
             conn.send(("init", info))
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_s
         pending = set(range(self.world_size))
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DistributedError(
                     f"ranks {sorted(pending)} did not join the process group within "
-                    f"{STARTUP_TIMEOUT_S:.0f} s", rank=min(pending), kind="startup")
+                    f"{startup_s:g} s (a cold start runs a new Python process per rank, "
+                    f"imports torch and joins the group: on a busy machine pass a larger "
+                    f"`timeout`)", rank=min(pending), kind="startup")
             for conn in wait([self._conns[r] for r in pending], timeout=remaining):
                 rank = self._conns.index(conn)
                 message = self._recv(rank)
@@ -79,7 +111,7 @@ class WorkerPool:
         return bool(self._procs) and all(p.poll() is None for p in self._procs)
 
     def close(self, kill: bool = False) -> None:
-        """Stop every rank and reap it; ``kill`` skips the polite goodbye."""
+        """Stop every rank and whatever it started, and reap it; ``kill`` skips the goodbye."""
         if not kill:
             for conn in self._conns:
                 try:
@@ -93,15 +125,20 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     pass
         for proc in self._procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    proc.kill()
+            # Even after a clean exit: the group id stays reserved while anything the
+            # rank started is still in it, so this reaches those processes and no others.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                proc.kill()
             proc.wait()
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        for fd in self._dumps:
+            os.close(fd)
+        self._procs, self._conns, self._dumps = [], [], []
         self._store = None
 
     # -- one call ------------------------------------------------------------------
@@ -114,14 +151,52 @@ class WorkerPool:
                    else f"exited with status {code}")
             return ("died", how)
 
-    def call(self, payload: bytes, timeout: float, outputs: list[dict]) -> list[bytes]:
+    def _stacks(self, ranks: list[int]) -> dict[int, str]:
+        """Each rank's stack dump, asked for with SIGUSR1 (see :mod:`._worker`)."""
+        texts = {r: b"" for r in ranks}
+        for r in ranks:
+            try:
+                while os.read(self._dumps[r], 1 << 16):   # drop anything stale
+                    pass
+            except BlockingIOError:
+                pass
+            try:
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STACK_WAIT_S
+        waiting = set(ranks)
+        while waiting and time.monotonic() < deadline:
+            readable, _, _ = select.select([self._dumps[r] for r in waiting], [], [], 0.1)
+            for r in [r for r in waiting if self._dumps[r] in readable]:
+                try:
+                    chunk = os.read(self._dumps[r], 1 << 16)
+                except BlockingIOError:
+                    continue
+                texts[r] += chunk
+                if not chunk or hang.DUMP_END in texts[r]:
+                    waiting.discard(r)
+        return {r: text.decode(errors="replace") for r, text in texts.items()}
+
+    def _timeout_error(self, pending: list[int], finished: list[int], timeout: float):
+        whereabouts = {r: hang.parse_dump(text) for r, text in self._stacks(pending).items()}
+        story, missing = hang.diagnose(pending, finished, whereabouts)
+        return DistributedError(
+            f"ranks {pending} did not finish within timeout={timeout:g} s; all ranks were "
+            f"stopped. Where they were:\n{story}",
+            rank=pending[0], kind="timeout", failed_ranks=tuple(pending),
+            stacks={r: hang.format_stack(w) for r, w in whereabouts.items()},
+            missing_ranks=missing)
+
+    def call(self, payload: bytes, context: dict, timeout: float, outputs: list[dict]) -> list[bytes]:
         """Run one pickled call on every rank; fill ``outputs[rank]`` with its text.
 
-        Returns each rank's pickled result. Raises :class:`DistributedError` on the
-        first failure, after which the pool is unusable and must be closed.
+        ``context`` is the caller's ``cwd`` and ``sys_path``. Returns each rank's pickled
+        result. Raises :class:`DistributedError` on the first failure, after which the
+        pool is unusable and must be closed.
         """
         for conn in self._conns:
-            conn.send(("call", payload))
+            conn.send(("call", payload, context))
         results: dict[int, bytes] = {}
         self.group_alive = True
         deadline = time.monotonic() + timeout
@@ -130,11 +205,7 @@ class WorkerPool:
             remaining = deadline - time.monotonic()
             ready = wait([self._conns[r] for r in pending], timeout=max(0.0, remaining))
             if not ready:
-                raise DistributedError(
-                    f"ranks {pending} did not finish within timeout={timeout:g} s "
-                    f"(a rank stuck in a collective that another rank never joined, or "
-                    f"slow work: raise `timeout`); all ranks were stopped",
-                    rank=pending[0], kind="timeout", failed_ranks=tuple(pending))
+                raise self._timeout_error(pending, sorted(results), timeout)
             for conn in ready:
                 rank = self._conns.index(conn)
                 message = self._recv(rank)
@@ -159,3 +230,8 @@ class WorkerPool:
                         f"rank {rank} {message[1]} before finishing; the other ranks "
                         f"were stopped", rank=rank, kind="killed")
         return [results[r] for r in range(self.world_size)]
+
+
+def caller_sys_path() -> list[str]:
+    """``sys.path`` as the ranks should see it: ``''`` (the current directory) made absolute."""
+    return [p if p else os.getcwd() for p in sys.path]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import atexit
-import numbers
 import os
 import sys
 import threading
 from collections import OrderedDict
 
-import cloudpickle
-
+from ..validate import bad, check_choice, check_int, check_real
+from ._pickle import dumps, loads
 from .errors import DistributedError
-from .pool import WorkerPool
+from .pool import MAX_TIMEOUT_S, WorkerPool, caller_sys_path, startup_limit
 
 MAX_POOLS = 2   # warm pools kept at once (e.g. the 2-rank and the 4-rank one)
 _pools: "OrderedDict[tuple, WorkerPool]" = OrderedDict()
@@ -33,28 +32,27 @@ def choose_backend(world_size: int) -> str:
     return "gloo"
 
 
-def _validate(fn, world_size, timeout, backend) -> str:
+def _validate(fn, world_size, timeout, backend) -> tuple[int, float, str]:
     if not callable(fn):
-        raise TypeError(f"fn must be callable (a function run on every rank), got {type(fn).__name__}")
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
-        raise TypeError(f"world_size must be an int >= 1, got {world_size!r} ({type(world_size).__name__})")
-    if world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size}")
-    if world_size > max_world_size():
-        raise ValueError(f"world_size={world_size} is more ranks than this machine can host: "
-                         f"choose 1 to {max_world_size()}")
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        raise bad("fn", fn, "a callable: the function every rank runs")
+    world_size = check_int("world_size", world_size, low=1)
+    most = max_world_size()
+    if world_size > most:
+        raise bad("world_size", world_size, f"an int in [1, {most}]",
+                  "each rank is a process on this machine: more would not fit")
+    timeout = check_real("timeout", timeout, low=0, low_open=True, high=MAX_TIMEOUT_S,
+                         why="seconds the call may take before its ranks are stopped")
+    backend = check_choice("backend", backend, ("gloo", "nccl", None),
+                           why="None picks nccl when every rank has a CUDA GPU, gloo otherwise")
     if backend is None:
-        return choose_backend(world_size)
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo', 'nccl' or None (choose automatically), got {backend!r}")
-    if backend == "nccl" and choose_backend(world_size) != "nccl":
-        raise ValueError(f"backend='nccl' needs {world_size} CUDA GPUs; use backend='gloo' or None")
-    return backend
+        backend = choose_backend(world_size)
+    elif backend == "nccl" and choose_backend(world_size) != "nccl":
+        raise bad("backend", backend, "'gloo' or None",
+                  f"nccl needs {world_size} CUDA GPUs, one per rank")
+    return world_size, timeout, backend
 
 
-def _pool_for(world_size: int, backend: str) -> WorkerPool:
+def _pool_for(world_size: int, backend: str, timeout: float) -> WorkerPool:
     threads = max(1, (os.cpu_count() or 1) // world_size)
     key = (world_size, backend, threads)
     pool = _pools.pop(key, None)
@@ -65,7 +63,7 @@ def _pool_for(world_size: int, backend: str) -> WorkerPool:
         _, oldest = _pools.popitem(last=False)
         oldest.close()
     if pool is None:
-        pool = WorkerPool(world_size, backend, threads)
+        pool = WorkerPool(world_size, backend, threads, startup_limit(timeout))
     _pools[key] = pool
     return pool
 
@@ -89,23 +87,31 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
     serialised by value. Each rank's printed output is shown afterwards, prefixed
     ``[rankN]``, rank by rank.
 
-    Ranks are kept warm between calls with the same ``world_size``; any failure
-    stops them all and raises one :class:`DistributedError` naming the first
-    failing rank, with its traceback. ``timeout`` (seconds) bounds the call: a rank
-    that hangs, for example in a collective another rank never joins, ends it.
+    Ranks are kept warm between calls with the same ``world_size``; each call
+    starts in the caller's current directory and ``sys.path``, and what a call
+    changes in the environment, torch's default dtype and device, grad mode and
+    thread count is undone after it (imported modules and their globals persist).
+    Any failure stops every rank, and what they started, and raises one
+    :class:`DistributedError` naming the first failing rank, with its traceback.
+
+    ``timeout`` (seconds, at most a day) bounds the call: a rank that hangs, for
+    example in a collective another rank never joins, ends it, and the error says
+    where each unfinished rank was and which ranks never reached the collective.
+    Starting cold ranks is bounded by ``timeout`` too, but given at least a minute.
     ``KeyboardInterrupt`` (a kernel interrupt) stops every rank too.
     """
-    backend = _validate(fn, world_size, timeout, backend)
+    world_size, timeout, backend = _validate(fn, world_size, timeout, backend)
     try:
-        payload = cloudpickle.dumps((fn, args, kwargs))
+        payload = dumps((fn, args, kwargs))
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"fn and its arguments must be picklable to reach the ranks: "
                         f"{type(exc).__name__}: {exc}") from None
     outputs = [{"stdout": [], "stderr": []} for _ in range(world_size)]
     with _lock:
-        pool = _pool_for(world_size, backend)
+        pool = _pool_for(world_size, backend, timeout)
+        context = {"cwd": os.getcwd(), "sys_path": caller_sys_path()}
         try:
-            raw = pool.call(payload, float(timeout), outputs)
+            raw = pool.call(payload, context, timeout, outputs)
         except BaseException:
             _pools.pop((pool.world_size, pool.backend, pool.threads), None)
             pool.close(kill=True)
@@ -118,7 +124,7 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
     results = []
     for rank, data in enumerate(raw):
         try:
-            results.append(cloudpickle.loads(data))
+            results.append(loads(data))
         except Exception as exc:  # noqa: BLE001
             raise DistributedError(f"rank {rank}'s return value cannot be rebuilt in the caller "
                                    f"({type(exc).__name__}: {exc})", rank=rank,
