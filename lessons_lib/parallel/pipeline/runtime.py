@@ -96,11 +96,11 @@ class PipelineInference:
     """
 
     def __init__(self, stage, mesh, n_microbatches: int = 1, schedule: str = "gpipe") -> None:
+        check_int("n_microbatches", n_microbatches, low=1)
+        check_choice("schedule", schedule, SCHEDULES)
         if stage.n_stages != mesh.pp or stage.stage_index != mesh.pp_rank:
             raise ValueError(f"stage {stage.stage_index}/{stage.n_stages} does not match the mesh's "
                              f"pp_rank {mesh.pp_rank}/{mesh.pp}: build it with build_stage(model, mesh)")
-        check_int("n_microbatches", n_microbatches, low=1)
-        check_choice("schedule", schedule, SCHEDULES)
         self.stage, self.mesh = stage, mesh
         self.n_microbatches, self.schedule_name = n_microbatches, schedule
         self.records: list = []     # (action, start, end) of this stage in the latest pass
