@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 __all__ = ["BadArgument", "bad", "check_int", "check_real", "check_probability", "check_choice",
-           "check_str", "check_str_list", "check_token_ids"]
+           "check_str", "check_str_list", "check_tensor", "check_token_ids"]
 
 
 class BadArgument(ValueError, TypeError):
@@ -121,6 +121,16 @@ def check_str_list(name: str, value, *, allow_empty: bool = False, why: str = ""
     if (not items and not allow_empty) or not all(isinstance(s, str) and s for s in items):
         raise bad(name, value, expected, why)
     return items
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0, why: str = "") -> torch.Tensor:
+    """``value`` if it is a ``torch.Tensor`` with at least ``min_dim`` dimensions."""
+    expected = "a torch.Tensor" + (f" with at least {min_dim} dimension{'s' * (min_dim > 1)}" if min_dim else "")
+    if not isinstance(value, torch.Tensor):
+        raise bad(name, value, expected, why or f"got a {type(value).__name__}")
+    if value.dim() < min_dim:
+        raise bad(name, value, expected, why or f"got shape {tuple(value.shape)}")
+    return value
 
 
 def check_token_ids(name: str, ids, vocab_size: int, *, allow_empty: bool = False):

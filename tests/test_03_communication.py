@@ -73,11 +73,11 @@ def test_tree_broadcast_reaches_everyone_in_log_rounds(p):
     assert have == set(range(p))
 
 
-@pytest.mark.parametrize("bad, words", [(0, "p must be"), (2.0, "p must be"), (True, "p must be")])
-def test_schedule_rejects_bad_world_sizes(bad, words):
-    with pytest.raises(ValueError, match=words):
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_schedule_rejects_bad_world_sizes(bad):
+    with pytest.raises(ValueError, match=r"^p=.* is not valid: expected an int >= 1 \(.*number of ranks"):
         ring_schedule(bad)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="kind='all_to_all' is not valid: expected one of 'all_reduce'"):
         ring_schedule(2, "all_to_all")
 
 
@@ -203,12 +203,14 @@ def _bad_input(case):
 
 
 @pytest.mark.parametrize("case, words", [
-    ("sizes", "ValueError: tensor has a different number of elements on different ranks"),
-    ("bool", "TypeError: tensor on rank 0 has an unsupported dtype"),
-    ("dtypes", "TypeError: tensor has different dtypes across ranks"),
-    ("strided", "ValueError: tensor on rank 1 is not contiguous"),
-    ("not_tensor", "TypeError: tensor on rank 0 is not a torch.Tensor"),
-    ("chunk", "ValueError: output on rank 0 has 5 elements; rank 0 of 2 owns chunk 0 of input, which has 2"),
+    ("sizes", "RanksDisagree: tensor.numel() differs across ranks: rank 0 has tensor.numel()=4, "
+              "rank 1 has tensor.numel()=5; every rank must pass the same tensor.numel()"),
+    ("bool", "BadArgument: tensor on rank 0 has an unsupported dtype torch.bool"),
+    ("dtypes", "RanksDisagree: tensor.dtype differs across ranks: rank 0 has tensor.dtype=torch.float32, "
+               "rank 1 has tensor.dtype=torch.float64"),
+    ("strided", "BadArgument: tensor on rank 1 is not contiguous"),
+    ("not_tensor", "BadArgument: tensor on rank 0 is not valid: expected a torch.Tensor (got a list)"),
+    ("chunk", "BadArgument: output on rank 0 has 5 elements; rank 0 of 2 owns chunk 0 of input, which has 2"),
 ])
 def test_bad_inputs_raise_the_same_clear_error_on_every_rank(case, words):
     messages = run_distributed(_bad_input, 2, case, timeout=20)

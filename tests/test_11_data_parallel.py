@@ -33,10 +33,10 @@ def test_split_sizes_are_balanced_and_in_order(rows, world, sizes):
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda: split_sizes(4, 0), "world_size must be an int >= 1"),
-    (lambda: split_sizes(-1, 2), "n_rows must be an int >= 0"),
-    (lambda: row_range(4, 2, 2), "rank must be an int in 0..1"),
-    (lambda: local_rows(torch.tensor(3.0)), "batch must be a tensor with a batch dimension"),
+    (lambda: split_sizes(4, 0), r"world_size=0 is not valid: expected an int >= 1"),
+    (lambda: split_sizes(-1, 2), r"n_rows=-1 is not valid: expected an int >= 0"),
+    (lambda: row_range(4, 2, 2), r"rank=2 is not valid: expected an int in \[0, 1\]"),
+    (lambda: local_rows(torch.tensor(3.0)), r"batch=.* is not valid: expected a torch.Tensor with at least 1 dim"),
 ])
 def test_bad_inputs_name_the_parameter(call, words):
     with pytest.raises(ValueError, match=words):

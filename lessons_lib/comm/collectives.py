@@ -18,15 +18,21 @@ tree broadcast      ``ceil(log2 p)``            ``n`` per child (root: ``ceil(lo
 
 (``n`` in bytes; exact when ``p`` divides the element count, see
 :mod:`~lessons_lib.comm.schedule` for uneven sizes.) Inputs are checked on every rank
-after one tiny metadata exchange, so a rank with a wrong size, dtype or layout makes
-*every* rank raise the same clear error instead of leaving the others waiting.
+after one tiny metadata exchange (:mod:`~lessons_lib.comm.agree`), so a rank with a wrong
+size, dtype, layout or root makes *every* rank raise the same clear error instead of
+leaving the others waiting.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
+from ..validate import BadArgument, check_int, check_tensor
+from .agree import describe, gather_across_ranks, require_same
+from .agree import group_ranks as _group_ranks
 from .schedule import Transfer, chunk_bounds, ring_schedule, tree_broadcast_schedule
 
 # dtypes gloo and NCCL can sum; bool is excluded on purpose (summing truth values is not addition).
@@ -34,72 +40,56 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
                     torch.int8, torch.uint8, torch.int32, torch.int64)
 
 
-def _group_ranks(group) -> tuple[int, int, list[int]]:
-    """(my rank in ``group``, group size, global rank of each group member)."""
-    if not dist.is_initialized():
-        raise RuntimeError("no process group: call this inside run_distributed (or after init_process_group)")
-    group = group if group is not None else dist.group.WORLD
-    me = dist.get_rank(group)
-    ranks = dist.get_process_group_ranks(group)
-    if me < 0:
-        raise ValueError(f"group does not contain the calling rank (global rank {dist.get_rank()}): "
-                         f"its ranks are {ranks}; call the collective only on members of group")
-    return me, len(ranks), ranks
+def check_inputs(tensors: dict, group=None, *, same_numel: tuple = (), chunk_of: tuple | None = None,
+                 same: dict | None = None, call: str = "check_inputs", dtypes=SUPPORTED_DTYPES,
+                 contiguous: bool = True, min_dim: int = 0, hint: str = "") -> list[dict]:
+    """Check the named tensors, and the values in ``same``, on every rank of ``group``; raise the
+    same error everywhere.
 
-
-def _describe(name: str, t) -> list[int]:
-    """This rank's view of ``t`` as integers: is_tensor, dtype code, contiguous, numel."""
-    if not isinstance(t, torch.Tensor):
-        return [0, -1, 1, 0]
-    code = SUPPORTED_DTYPES.index(t.dtype) if t.dtype in SUPPORTED_DTYPES else -1
-    return [1, code, int(t.is_contiguous()), t.numel()]
-
-
-def check_inputs(tensors: dict, group=None, *, same_numel: tuple = (), chunk_of: tuple | None = None) -> None:
-    """Check the named tensors on every rank of ``group``; raise the same error everywhere.
-
-    ``same_numel`` names tensors that must have one size on all ranks; ``chunk_of``
-    is ``(chunk_name, full_name)``: ``chunk_name`` must hold this rank's chunk of
-    ``full_name``. One all-gather of a few integers per call: cheap next to any payload.
+    Each tensor must be a ``torch.Tensor`` on every rank, with at least ``min_dim`` dimensions, a
+    dtype of ``dtypes`` (None: any) and, with ``contiguous``, a contiguous layout; its dtype must
+    be the same on every rank. ``same_numel`` names tensors that must have one size on all ranks;
+    ``chunk_of`` is ``(chunk_name, full_name)``: ``chunk_name`` must hold this rank's chunk of
+    ``full_name``. ``same`` holds other arguments that must agree (a broadcast's ``src``); ``hint``
+    ends their error message. One all-gather of a small record per call (see :mod:`.agree`).
+    Returns every rank's view (``describe`` values, by group rank) for callers that need it.
     """
-    me, p, ranks = _group_ranks(group)
-    names = list(tensors)
-    mine = torch.tensor([v for name in names for v in _describe(name, tensors[name])], dtype=torch.int64)
-    everyone = [torch.empty_like(mine) for _ in range(p)]
-    dist.all_gather(everyone, mine, group=group)
-    info = {(r, name): everyone[r][4 * i: 4 * i + 4].tolist() for r in range(p) for i, name in enumerate(names)}
-    for name in names:
-        for r in range(p):
-            is_tensor, code, contiguous, _ = info[(r, name)]
+    values = {k: v for name, t in tensors.items() for k, v in describe(name, t).items()}
+    values.update(same or {})
+    ranks, everyone = gather_across_ranks(values, group, call=call)
+    p = len(ranks)
+    for name in tensors:
+        for r, seen in enumerate(everyone):
             where = f"{name} on rank {ranks[r]}"
-            if not is_tensor:
-                raise TypeError(f"{where} is not a torch.Tensor")
-            if code < 0:
-                raise TypeError(f"{where} has an unsupported dtype; choose one of "
-                                f"{[str(d).replace('torch.', '') for d in SUPPORTED_DTYPES]}")
-            if not contiguous:
-                raise ValueError(f"{where} is not contiguous (a transposed or strided view): "
-                                 f"pass {name}.contiguous()")
-        codes = {info[(r, name)][1] for r in range(p)}
-        if len(codes) > 1:
-            found = {ranks[r]: str(SUPPORTED_DTYPES[info[(r, name)][1]]).replace("torch.", "") for r in range(p)}
-            raise TypeError(f"{name} has different dtypes across ranks {found}: every rank must pass the same dtype")
+            if seen[name] != "Tensor":
+                raise BadArgument(f"{where} is not valid: expected a torch.Tensor (got a {seen[name]})")
+            if len(seen[f"{name}.shape"]) < min_dim:
+                raise BadArgument(f"{where} is not valid: expected a tensor with at least {min_dim} "
+                                  f"dimension(s) (got shape {seen[f'{name}.shape']})")
+            if dtypes is not None and seen[f"{name}.dtype"] not in dtypes:
+                raise BadArgument(f"{where} has an unsupported dtype {seen[f'{name}.dtype']}; choose one of "
+                                  f"{[str(d).replace('torch.', '') for d in dtypes]}")
+            if contiguous and not seen[f"{name}.is_contiguous()"]:
+                raise BadArgument(f"{where} is not contiguous (a transposed or strided view): "
+                                  f"pass {name}.contiguous()")
+        require_same(f"{name}.dtype", [seen[f"{name}.dtype"] for seen in everyone], ranks)
     for name in same_numel:
-        sizes = [info[(r, name)][3] for r in range(p)]
-        if len(set(sizes)) > 1:
-            raise ValueError(f"{name} has a different number of elements on different ranks "
-                             f"{dict(zip(ranks, sizes))}: every rank must pass the same size")
+        require_same(f"{name}.numel()", [math.prod(seen[f"{name}.shape"]) for seen in everyone], ranks)
     if chunk_of:
         chunk_name, full_name = chunk_of
-        for r in range(p):
-            start, stop = chunk_bounds(info[(r, full_name)][3], p)[r]
-            if info[(r, chunk_name)][3] != stop - start:
-                raise ValueError(f"{chunk_name} on rank {ranks[r]} has {info[(r, chunk_name)][3]} elements; "
-                                 f"rank {r} of {p} owns chunk {r} of {full_name}, which has "
-                                 f"{stop - start} (chunks are sized like torch.tensor_split)")
-        dtypes = {info[(r, name)][1] for r in range(p) for name in (chunk_name, full_name)}
-        if len(dtypes) > 1:
-            raise TypeError(f"{chunk_name} and {full_name} must have the same dtype")
+        for r, seen in enumerate(everyone):
+            start, stop = chunk_bounds(math.prod(seen[f"{full_name}.shape"]), p)[r]
+            have = math.prod(seen[f"{chunk_name}.shape"])
+            if have != stop - start:
+                raise BadArgument(f"{chunk_name} on rank {ranks[r]} has {have} elements; "
+                                  f"rank {r} of {p} owns chunk {r} of {full_name}, which has "
+                                  f"{stop - start} (chunks are sized like torch.tensor_split)")
+            if seen[f"{chunk_name}.dtype"] != seen[f"{full_name}.dtype"]:
+                raise BadArgument(f"{chunk_name} and {full_name} must have the same dtype, "
+                                  f"got {seen[f'{chunk_name}.dtype']} and {seen[f'{full_name}.dtype']}")
+    for name in same or {}:
+        require_same(name, [seen[name] for seen in everyone], ranks, hint)
+    return everyone
 
 
 def run_ring(flat: torch.Tensor, steps: list[list[Transfer]], group=None) -> int:
@@ -110,6 +100,7 @@ def run_ring(flat: torch.Tensor, steps: list[list[Transfer]], group=None) -> int
     would wait for a receive that its neighbour has not posted yet (see
     :mod:`lessons_lib.comm.deadlock`).
     """
+    check_tensor("flat", flat, min_dim=1)
     me, p, ranks = _group_ranks(group)
     bounds = chunk_bounds(flat.numel(), p)
     largest = max(stop - start for start, stop in bounds) if bounds else 0
@@ -144,7 +135,7 @@ def ring_all_reduce(tensor: torch.Tensor, group=None, *, check: bool = True) -> 
     ``check=False`` skips the input check (one tiny all-gather) for benchmarking.
     """
     if check:
-        check_inputs({"tensor": tensor}, group, same_numel=("tensor",))
+        check_inputs({"tensor": tensor}, group, same_numel=("tensor",), call="ring_all_reduce")
     _, p, _ = _group_ranks(group)
     return run_ring(tensor.view(-1), ring_schedule(p, "all_reduce"), group)
 
@@ -156,7 +147,7 @@ def ring_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None) -
     ``input`` need not divide evenly; ``output`` must have this rank's chunk size.
     """
     check_inputs({"output": output, "input": input}, group, same_numel=("input",),
-                 chunk_of=("output", "input"))
+                 chunk_of=("output", "input"), call="ring_reduce_scatter")
     me, p, _ = _group_ranks(group)
     work = input.reshape(-1).clone()
     sent = run_ring(work, ring_schedule(p, "reduce_scatter"), group)
@@ -172,7 +163,7 @@ def ring_all_gather(output: torch.Tensor, input: torch.Tensor, group=None) -> in
     (``torch.tensor_split`` sizes), which torch's gloo all-gather does not allow.
     """
     check_inputs({"output": output, "input": input}, group, same_numel=("output",),
-                 chunk_of=("input", "output"))
+                 chunk_of=("input", "output"), call="ring_all_gather")
     me, p, _ = _group_ranks(group)
     flat = output.view(-1)
     start, stop = chunk_bounds(flat.numel(), p)[me]
@@ -186,10 +177,11 @@ def tree_broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> int:
     Binomial tree: ``ceil(log2 p)`` rounds of blocking ``send``/``recv``; in each round
     a rank either sends, receives or idles, so no two ranks wait on each other.
     """
-    check_inputs({"tensor": tensor}, group, same_numel=("tensor",))
+    # src travels with the tensor's metadata: ranks that each took themselves for the root would
+    # all send and wait for ever.
+    check_inputs({"tensor": tensor}, group, same_numel=("tensor",), same={"src": src}, call="tree_broadcast")
     me, p, ranks = _group_ranks(group)
-    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < p:
-        raise ValueError(f"src must be a rank of the group, 0..{p - 1}, got {src!r}")
+    check_int("src", src, low=0, high=p - 1, why="a rank of the group")
     sent = 0
     for round_ in tree_broadcast_schedule(p, src):
         for t in round_:

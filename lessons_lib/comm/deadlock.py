@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..validate import check_int
+
 DEFAULT_NUMEL = 1 << 18   # 1 MiB of float32: blocks on any transport, not only on gloo
 
 
-def _peer() -> int:
+def _peer(numel) -> int:
+    check_int("numel", numel, low=1)
     if not dist.is_initialized() or dist.get_world_size() != 2:
         raise ValueError("the exchange runs on exactly 2 ranks: run_distributed(fn, 2)")
     return 1 - dist.get_rank()
@@ -29,7 +32,7 @@ def _peer() -> int:
 
 def exchange_send_first(numel: int = DEFAULT_NUMEL) -> float:
     """Both ranks send first, then receive: hangs (call it with a small timeout)."""
-    peer = _peer()
+    peer = _peer(numel)
     mine, theirs = torch.full((numel,), float(dist.get_rank())), torch.empty(numel)
     dist.send(mine, peer)        # blocks until the peer posts its recv ... which comes after its own send
     dist.recv(theirs, peer)
@@ -38,7 +41,7 @@ def exchange_send_first(numel: int = DEFAULT_NUMEL) -> float:
 
 def exchange_by_parity(numel: int = DEFAULT_NUMEL) -> float:
     """Fix 1: even ranks send then receive, odd ranks receive then send."""
-    peer = _peer()
+    peer = _peer(numel)
     mine, theirs = torch.full((numel,), float(dist.get_rank())), torch.empty(numel)
     if dist.get_rank() % 2 == 0:
         dist.send(mine, peer)
@@ -51,7 +54,7 @@ def exchange_by_parity(numel: int = DEFAULT_NUMEL) -> float:
 
 def exchange_batched(numel: int = DEFAULT_NUMEL) -> float:
     """Fix 2: post both operations at once with ``batch_isend_irecv`` and wait for both."""
-    peer = _peer()
+    peer = _peer(numel)
     mine, theirs = torch.full((numel,), float(dist.get_rank())), torch.empty(numel)
     ops = [dist.P2POp(dist.isend, mine, peer), dist.P2POp(dist.irecv, theirs, peer)]
     for work in dist.batch_isend_irecv(ops):

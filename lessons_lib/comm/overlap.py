@@ -18,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..validate import check_int
+
 
 def _compute(x: torch.Tensor, iters: int) -> torch.Tensor:
     for _ in range(iters):
@@ -32,6 +34,9 @@ def overlap_timeline(numel: int = 1 << 20, matrix: int = 128, iters: int = 20) -
     ``(name, start_s, end_s)`` relative to the start of that run. The compute does not
     read the all-reduced tensor, which is what makes overlapping it legal.
     """
+    check_int("numel", numel, low=1)
+    check_int("matrix", matrix, low=1)
+    check_int("iters", iters, low=0)
     grads = torch.ones(numel)
     x = torch.randn(matrix, matrix, generator=torch.Generator().manual_seed(0)) / matrix ** 0.5
     _compute(x, 2)   # warm-up: the first matmul pays one-off costs

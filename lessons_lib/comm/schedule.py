@@ -16,8 +16,9 @@ elements between ranks), but the sum over all ranks is still exactly
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+
+from ..validate import check_choice, check_int
 
 RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -38,16 +39,14 @@ class Transfer:
     op: str
 
 
-def _check_world_size(p, name: str = "p") -> None:
-    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
-        raise ValueError(f"{name} must be an int >= 1 (the number of ranks), got {p!r}")
+def _check_world_size(p, name: str = "p") -> int:
+    return check_int(name, p, low=1, why="the number of ranks")
 
 
 def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of each of the ``p`` chunks of ``n`` elements (``torch.tensor_split`` sizes)."""
     _check_world_size(p)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0 (number of elements), got {n!r}")
+    check_int("n", n, low=0, why="the number of elements")
     base, extra = divmod(n, p)
     bounds, start = [], 0
     for i in range(p):
@@ -74,8 +73,7 @@ def ring_schedule(p: int, kind: str = "all_reduce") -> list[list[Transfer]]:
     * all-reduce = reduce-scatter then all-gather: ``2 (p - 1)`` steps.
     """
     _check_world_size(p)
-    if kind not in RING_KINDS:
-        raise ValueError(f"kind must be one of {RING_KINDS}, got {kind!r}")
+    check_choice("kind", kind, RING_KINDS)
     steps: list[list[Transfer]] = []
     if kind in ("all_reduce", "reduce_scatter"):
         for s in range(p - 1):
@@ -97,8 +95,7 @@ def tree_broadcast_schedule(p: int, root: int = 0) -> list[list[Transfer]]:
     whole tensors: the same volume as a chain, in logarithmic rather than linear time.
     """
     _check_world_size(p)
-    if isinstance(root, bool) or not isinstance(root, numbers.Integral) or not 0 <= root < p:
-        raise ValueError(f"root must be a rank in 0..{p - 1}, got {root!r}")
+    check_int("root", root, low=0, high=p - 1, why="a rank of the group")
     rounds, span = [], 1
     while span < p:
         rounds.append([Transfer(len(rounds), "broadcast", (v + root) % p, (v + span + root) % p, 0, "copy")
@@ -114,6 +111,7 @@ def bytes_sent(schedule: list[list[Transfer]], n: int, p: int, element_size: int
     (phase ``"broadcast"``) carries the whole tensor.
     """
     bounds = chunk_bounds(n, p)
+    check_int("element_size", element_size, low=1, why="bytes per element")
     sent = [0] * p
     for step in schedule:
         for t in step:

@@ -17,51 +17,62 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..comm.collectives import check_inputs
+from ..validate import check_int, check_tensor
 from .tensor import group_rank, group_size
 
 
 def split_sizes(n_rows: int, world_size: int) -> list[int]:
     """Rows per rank: as even as possible, the first ``n_rows % world_size`` ranks one more."""
-    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
-        raise ValueError(f"n_rows must be an int >= 0, got {n_rows!r}")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("n_rows", n_rows, low=0)
+    check_int("world_size", world_size, low=1, why="the number of ranks")
     base, extra = divmod(n_rows, world_size)
     return [base + (r < extra) for r in range(world_size)]
 
 
 def row_range(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     """``(start, stop)`` of rank ``rank``'s rows in a batch of ``n_rows``."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in 0..{world_size - 1}, got {rank!r}")
     sizes = split_sizes(n_rows, world_size)
+    check_int("rank", rank, low=0, high=world_size - 1)
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
 
 
 def local_rows(batch: torch.Tensor, group=None) -> torch.Tensor:
     """This rank's rows of ``batch`` (dim 0), by its index in ``group``."""
-    if not isinstance(batch, torch.Tensor) or batch.dim() < 1:
-        raise ValueError("batch must be a tensor with a batch dimension (dim 0)")
+    check_tensor("batch", batch, min_dim=1, why="rows are split along dim 0")
     start, stop = row_range(batch.shape[0], group_size(group), group_rank(group))
     return batch[start:stop]
+
+
+def _check_same_batch(call: str, name: str, batch, group, **same) -> None:
+    """Every rank passes the whole batch: a rank with another shape would cut other rows and the
+    gathered result would be silently wrong. One small exchange (see :mod:`lessons_lib.comm.agree`)."""
+    if group_size(group) == 1:
+        return
+    shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else None
+    check_inputs({name: batch}, group, call=call, dtypes=None, contiguous=False, min_dim=1,
+                 same={f"{name}.shape": shape, **same})
 
 
 def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate every rank's ``local`` along dim 0, in rank order, on every rank.
 
     ``dist.all_gather`` needs same-shaped tensors, but slices of an uneven batch differ in rows.
-    So the ranks first exchange their row counts, pad to the largest, gather, and trim each
-    part back to its true length. The other dimensions must agree across ranks.
+    So the ranks first exchange their shapes, pad to the largest, gather, and trim each
+    part back to its true length. The other dimensions and the dtype must agree across ranks.
     """
     world = group_size(group)
     if world == 1:
-        return local
+        return check_tensor("local", local, min_dim=1, why="rows are gathered along dim 0")
+    # One exchange of every rank's shape and dtype gives the row counts and checks the rest:
+    # an all-gather of different trailing shapes or dtypes would abort the process in gloo.
+    shapes = [seen["local.shape"] for seen in check_inputs(
+        {"local": local}, group, call="gather_rows", dtypes=None, contiguous=False, min_dim=1,
+        same={"local.shape[1:]": tuple(local.shape[1:]) if isinstance(local, torch.Tensor) else None},
+        hint=" (only dim 0, the rows, may differ)")]
+    counts = [shape[0] for shape in shapes]
     local = local.contiguous()
-    count = torch.tensor([local.shape[0]], dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    counts = [int(c) for c in counts]
     padded = torch.zeros((max(counts),) + tuple(local.shape[1:]), dtype=local.dtype)
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -84,6 +95,7 @@ class DataParallelInference(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        _check_same_batch("DataParallelInference.forward", "x", x, self.group)
         mine = local_rows(x, self.group)
         local_kwargs = {k: local_rows(v, self.group)
                         if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == x.shape[0] else v
@@ -109,6 +121,8 @@ def data_parallel_generate(model, input_ids: torch.Tensor, max_new_tokens: int, 
     """
     from ..model import generate
 
+    _check_same_batch("data_parallel_generate", "input_ids", input_ids, group,
+                      max_new_tokens=max_new_tokens, eos_id=eos_id)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
                          f"input_ids shape {tuple(input_ids.shape)}")

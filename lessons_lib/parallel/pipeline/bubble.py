@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ...validate import check_choice, check_int, check_real
 from .runtime import execute, idle_fraction
 from .schedule import make_schedule
 
@@ -70,7 +71,7 @@ def _rank_records(n_microbatches: int, schedule: str, workload: str, action_s: f
         records: list = []
         torch.distributed.barrier(group=mesh.pp_group)
         execute(sched, mesh.pp_rank, compute, inputs, prev=mesh.pp_prev, next=mesh.pp_next,
-                records=records)
+                records=records, group=mesh.pp_group)
         per_trial.append(records)
     return per_trial[1:]
 
@@ -86,12 +87,14 @@ def measure_idle_fraction(n_stages: int, n_microbatches: int, schedule: str = "g
     """
     from ...launch import run_distributed
 
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload={workload!r}; choose one of {WORKLOADS}")
-    if not action_s > 0:
-        raise ValueError(f"action_s={action_s!r} must be > 0 seconds")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials={trials!r} must be an integer >= 1")
+    check_int("n_stages", n_stages, low=1)
+    check_int("n_microbatches", n_microbatches, low=1)
+    make_schedule(schedule, n_stages, n_microbatches)     # a bad name fails here, not on every rank
+    check_choice("workload", workload, WORKLOADS)
+    check_real("action_s", action_s, low=0, low_open=True, why="seconds each action takes")
+    check_int("size", size, low=1)
+    check_int("repeats", repeats, low=1)
+    check_int("trials", trials, low=1)
     per_rank = run_distributed(_rank_records, n_stages, n_microbatches, schedule, workload,
                                action_s, size, repeats, trials, timeout=timeout)
     runs = [[per_rank[r][t] for r in range(n_stages)] for t in range(trials)]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ...validate import bad, check_int, check_tensor
+
 MAX_DIMS = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
           torch.int32, torch.bool, torch.uint8)
@@ -24,10 +26,12 @@ _HEADER_LEN = 2 + MAX_DIMS
 
 def encode_header(t: torch.Tensor) -> torch.Tensor:
     """``[dtype code, ndim, size_0, ..., size_{ndim-1}, 0, ...]`` as a fixed-length int64 tensor."""
+    check_tensor("t", t)
     if t.dtype not in DTYPES:
-        raise TypeError(f"cannot send dtype {t.dtype}: supported dtypes are {DTYPES}")
+        raise bad("t.dtype", t.dtype, "one of " + ", ".join(str(d) for d in DTYPES),
+                  "the header has a code for each")
     if t.dim() > MAX_DIMS:
-        raise ValueError(f"tensor has {t.dim()} dimensions; at most {MAX_DIMS} can be sent")
+        raise bad("t.dim()", t.dim(), f"at most {MAX_DIMS}", "the header has room for that many sizes")
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
     header[0], header[1] = DTYPES.index(t.dtype), t.dim()
     header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
@@ -48,13 +52,15 @@ def send_tensor(t: torch.Tensor, dst: int, group=None) -> tuple:
     micro-batch while this one is on the wire, and avoid the deadlock two blocking sends
     facing each other would cause.
     """
-    t = t.detach().contiguous()
+    check_int("dst", dst, low=0, why="a global rank")
     header = encode_header(t)
+    t = t.detach().contiguous()
     return [dist.isend(header, dst, group=group), dist.isend(t, dst, group=group)], (header, t)
 
 
 def recv_tensor(src: int, group=None, device=None) -> torch.Tensor:
     """Receive a tensor sent with :func:`send_tensor` from global rank ``src`` (blocking)."""
+    check_int("src", src, low=0, why="a global rank")
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
     dist.recv(header, src, group=group)
     shape, dtype = decode_header(header)
@@ -73,6 +79,7 @@ class TensorReceiver:
     """
 
     def __init__(self, src: int, group=None) -> None:
+        check_int("src", src, low=0, why="a global rank")
         self.src, self.group = src, group
         self._header: torch.Tensor | None = None
         self._work = None

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _check_int(name: str, value, low: int, high: int | None = None, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        choices = f"choose {low} to {high}" if high is not None else f"choose an int >= {low}"
-        raise ValueError(f"{name}={value} is out of range{why}: {choices}")
+from ...validate import check_int, check_tensor
 
 
 def partition_layers(n_layers: int, pp: int) -> list[range]:
@@ -32,8 +26,8 @@ def partition_layers(n_layers: int, pp: int) -> list[range]:
     >>> partition_layers(5, 2)
     [range(0, 3), range(3, 5)]
     """
-    _check_int("n_layers", n_layers, 1)
-    _check_int("pp", pp, 1, n_layers, why=f" (a stage needs at least one of the {n_layers} layers)")
+    check_int("n_layers", n_layers, low=1)
+    check_int("pp", pp, low=1, high=n_layers, why=f"a stage needs at least one of the {n_layers} layers")
     base, extra = divmod(n_layers, pp)
     stages, start = [], 0
     for s in range(pp):
@@ -49,16 +43,15 @@ def microbatch_sizes(batch_size: int, n_microbatches: int) -> list[int]:
     Uneven batches are allowed: the first ``batch_size % n_microbatches`` micro-batches
     get one extra row (10 rows in 4 -> 3, 3, 2, 2), the same rule as ``torch.tensor_split``.
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("n_microbatches", n_microbatches, 1, batch_size,
-               why=f" (each micro-batch needs at least one of the batch's {batch_size} rows)")
+    check_int("batch_size", batch_size, low=1)
+    check_int("n_microbatches", n_microbatches, low=1, high=batch_size,
+              why=f"each micro-batch needs at least one of the batch's {batch_size} rows")
     base, extra = divmod(batch_size, n_microbatches)
     return [base + (1 if i < extra else 0) for i in range(n_microbatches)]
 
 
 def split_microbatches(batch: torch.Tensor, n_microbatches: int) -> list[torch.Tensor]:
     """Cut ``batch`` along dim 0 into ``n_microbatches`` pieces (sizes from :func:`microbatch_sizes`)."""
-    if not isinstance(batch, torch.Tensor) or batch.dim() < 1:
-        raise ValueError("batch must be a tensor with a batch dimension first")
+    check_tensor("batch", batch, min_dim=1, why="micro-batches are cut along dim 0")
     sizes = microbatch_sizes(batch.shape[0], n_microbatches)
     return list(torch.split(batch, sizes, dim=0))

@@ -22,16 +22,20 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ...comm.agree import check_same_across_ranks
+from ...comm.collectives import check_inputs
 from ...model.generate import check_context_length, last_token_logits
 from ...model.kv_cache import KVCache
+from ...validate import bad, check_choice, check_int
 from .p2p import TensorReceiver, send_tensor, wait_all
 from .partition import microbatch_sizes
-from .schedule import Action, Schedule, make_schedule
+from .schedule import SCHEDULES, Action, Schedule, make_schedule
 
 
 def execute(schedule: Schedule, stage_index: int, compute: Callable[[int, torch.Tensor], torch.Tensor],
             inputs: list[torch.Tensor] | None = None, *, prev: int | None = None,
-            next: int | None = None, records: list | None = None) -> list[torch.Tensor] | None:
+            next: int | None = None, records: list | None = None, group=None,
+            check: bool = True) -> list[torch.Tensor] | None:
     """Run the forward actions of ``schedule`` for stage ``stage_index`` on this rank.
 
     ``compute(microbatch, x)`` is the stage's work; ``inputs[i]`` is micro-batch ``i``'s
@@ -39,7 +43,17 @@ def execute(schedule: Schedule, stage_index: int, compute: Callable[[int, torch.
     mesh). ``records``, if given, receives ``(action, start, end)`` busy intervals
     (``time.perf_counter``, which is one system-wide clock on Linux). Returns the outputs
     per micro-batch on the last stage, ``None`` elsewhere.
+
+    ``group`` holds the pipeline's stages (``mesh.pp_group``; None: every rank). With ``check``
+    they first check they run the same schedule (one tiny all-gather): a stage expecting more
+    micro-batches than its neighbour sends would wait for ever.
     """
+    if not isinstance(schedule, Schedule):
+        raise bad("schedule", schedule, "a Schedule (make_schedule, gpipe or one_f_one_b)")
+    check_int("stage_index", stage_index, low=0, high=schedule.n_stages - 1)
+    if check:
+        check_same_across_ranks({"schedule": schedule.name, "n_stages": schedule.n_stages,
+                                 "n_microbatches": schedule.n_microbatches}, group, call="execute")
     if schedule.has_backward:
         raise ValueError(f"schedule {schedule.name!r} has backward actions; inference runs "
                          "forward-only schedules: build it with backward=False")
@@ -82,11 +96,11 @@ class PipelineInference:
     """
 
     def __init__(self, stage, mesh, n_microbatches: int = 1, schedule: str = "gpipe") -> None:
+        check_int("n_microbatches", n_microbatches, low=1)
+        check_choice("schedule", schedule, SCHEDULES)
         if stage.n_stages != mesh.pp or stage.stage_index != mesh.pp_rank:
             raise ValueError(f"stage {stage.stage_index}/{stage.n_stages} does not match the mesh's "
                              f"pp_rank {mesh.pp_rank}/{mesh.pp}: build it with build_stage(model, mesh)")
-        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
-            raise ValueError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}")
         self.stage, self.mesh = stage, mesh
         self.n_microbatches, self.schedule_name = n_microbatches, schedule
         self.records: list = []     # (action, start, end) of this stage in the latest pass
@@ -101,13 +115,37 @@ class PipelineInference:
             return self.stage(x, mask_mbs[i], caches[i] if caches is not None else None)
 
         self.records = []           # busy intervals of the latest pass only
-        return execute(schedule, self.mesh.pp_rank, compute, list(id_mbs),
-                       prev=self.mesh.pp_prev, next=self.mesh.pp_next, records=self.records)
+        # The stages checked their arguments once per call (_check_batch), not once per step.
+        return execute(schedule, self.mesh.pp_rank, compute, list(id_mbs), prev=self.mesh.pp_prev,
+                       next=self.mesh.pp_next, records=self.records, check=False)
+
+    def _check_batch(self, call: str, input_ids, attention_mask, **same) -> torch.Tensor:
+        """Check that every stage got the same batch, then return the padding mask.
+
+        Every stage cuts the batch into the same micro-batches: a stage given another batch size
+        (or micro-batch count, or schedule) would run the model on mismatched pieces or wait for
+        a message that never comes. One small all-gather over the pipeline's group checks it.
+        """
+        def shape(t):
+            return tuple(t.shape) if isinstance(t, torch.Tensor) else t
+
+        check_inputs({"input_ids": input_ids}, self.mesh.pp_group, call=call, dtypes=None, contiguous=False,
+                     min_dim=2, same={"input_ids.shape": shape(input_ids), "attention_mask.shape":
+                                      shape(attention_mask), "n_microbatches": self.n_microbatches,
+                                      "schedule": self.schedule_name, **same})
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise bad("input_ids", input_ids, "integer token ids", f"got a {input_ids.dtype} tensor")
+        if attention_mask is None:
+            return torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise bad("attention_mask", attention_mask, f"None or a tensor of input_ids' shape "
+                      f"{tuple(input_ids.shape)}")
+        return attention_mask.long()
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Logits (batch, seq, vocab) of one pass with no cache, on the last stage; None elsewhere."""
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        mask = self._check_batch("PipelineInference.forward", input_ids, attention_mask)
         outs = self._run(input_ids, mask, None)
         return torch.cat(outs) if outs is not None else None
 
@@ -115,10 +153,10 @@ class PipelineInference:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding with the KV cache; returns (batch, prompt + new) ids on every stage."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        mask = self._check_batch("PipelineInference.generate", input_ids, attention_mask,
+                                 max_new_tokens=max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens, low=0)
         batch = input_ids.shape[0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
         microbatch_sizes(batch, self.n_microbatches)        # fail early, on every rank alike
         check_context_length(self.stage.max_seq_len, mask, max_new_tokens)
         caches = [KVCache() for _ in range(self.n_microbatches)]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...validate import check_choice, check_int, check_real
+
 SCHEDULES = ("gpipe", "1f1b")
 
 
@@ -48,9 +50,8 @@ class Slot:
 
 
 def _check_sizes(n_stages, n_microbatches) -> None:
-    for name, value in (("n_stages", n_stages), ("n_microbatches", n_microbatches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("n_stages", n_stages, low=1)
+    check_int("n_microbatches", n_microbatches, low=1)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Schedule:
         B(i) on stage s needs B(i) on stage s+1 done (its output gradient), and on the last
         stage F(i) done. A stage runs one action at a time, in its order.
         """
-        cost = {"F": forward_cost, "B": backward_cost}
+        cost = {"F": check_real("forward_cost", forward_cost, low=0, low_open=True),
+                "B": check_real("backward_cost", backward_cost, low=0, low_open=True)}
         done: dict[tuple[int, int, str], float] = {}
         free = [0.0] * self.n_stages
         nxt = [0] * self.n_stages
@@ -171,8 +173,7 @@ def one_f_one_b(n_stages: int, n_microbatches: int, backward: bool = True) -> Sc
 
 def make_schedule(name: str, n_stages: int, n_microbatches: int, backward: bool = False) -> Schedule:
     """Build a schedule by name: 'gpipe' or '1f1b'."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    check_choice("schedule", name, SCHEDULES)
     return (gpipe if name == "gpipe" else one_f_one_b)(n_stages, n_microbatches, backward)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ...model.kv_cache import KVCache
+from ...validate import check_int
 from ...model.llama import make_attention_mask, make_positions
 from .partition import partition_layers
 
@@ -34,9 +35,7 @@ class PipelineStageModule(nn.Module):
         super().__init__()
         n_layers = len(model.layers)
         ranges = partition_layers(n_layers, n_stages)
-        if isinstance(stage_index, bool) or not isinstance(stage_index, int) \
-                or not 0 <= stage_index < n_stages:
-            raise ValueError(f"stage_index={stage_index!r} is out of range: choose 0 to {n_stages - 1}")
+        check_int("stage_index", stage_index, low=0, high=n_stages - 1)
         self.stage_index, self.n_stages = stage_index, n_stages
         # Absolute layer indices: the KV cache is indexed by them, as in the whole model.
         self.layer_ids = list(ranges[stage_index])
