@@ -118,7 +118,7 @@ CASES = [
     ("generate-empty-prompt", lambda: generate(MODEL, torch.zeros(1, 0, dtype=torch.long), 2), "input_ids"),
     ("generate-mask-of-2s", lambda: generate(MODEL, IDS, 2, attention_mask=torch.full((1, 3), 2)),
      "attention_mask"),
-    ("generate-mask-all-padding", lambda: generate(MODEL, IDS, 2, attention_mask=torch.zeros(1, 3)),
+    ("generate-mask-all-padding", lambda: generate(MODEL, IDS, 2, attention_mask=torch.zeros(1, 3, dtype=torch.long)),
      "attention_mask"),
     ("generate-eos-beyond-vocab", lambda: generate(MODEL, IDS, 2, eos_id=264), "eos_id"),
     ("sample-temperature-0", lambda: sample_next_token(torch.zeros(1, 8), greedy=False, temperature=0),

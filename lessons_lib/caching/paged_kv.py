@@ -30,7 +30,7 @@ class OutOfBlocksError(RuntimeError):
 
 def check_block_size(block_size: int) -> int:
     return check_int("block_size", block_size, low=1,
-                     why="tokens per block, e.g. 16 (vLLM's default) or 8, 32")
+                     why="tokens per block, e.g. 16 as vLLM defaults to, or 8, 32")
 
 
 class BlockAllocator:

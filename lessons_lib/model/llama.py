@@ -52,7 +52,7 @@ def check_padding_mask(attention_mask, shape: tuple, name: str = "attention_mask
         raise bad(name, attention_mask, "a tensor of 0s and 1s (1: a real token, 0: padding)")
     if tuple(attention_mask.shape) != tuple(shape):
         raise bad(name, f"a tensor of shape {tuple(attention_mask.shape)}", f"shape {tuple(shape)}",
-                  "(batch, cached + new tokens)")
+                  "rows of the batch x cached + new tokens")
     if attention_mask.dtype != torch.bool:
         _int_range(name, attention_mask, 0, 2, "0s and 1s (1: a real token, 0: padding)")
     return attention_mask
