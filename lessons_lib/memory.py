@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .validate import bad, check_choice, check_int, check_real, check_str
+
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 STRATEGIES = ("single", "data", "tensor", "pipeline")
 GiB = 1024 ** 3
@@ -27,6 +29,17 @@ class LLMShape:
     ffn: int
     vocab: int
     source: str = ""
+
+    def __post_init__(self) -> None:
+        check_str("name", self.name)
+        for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn", "vocab"):
+            check_int(name, getattr(self, name), low=1)
+        if self.hidden % self.n_heads:
+            raise bad("n_heads", self.n_heads, f"a divisor of hidden={self.hidden}",
+                      "every head gets hidden // n_heads features")
+        if self.n_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}",
+                      "each KV head serves the same number of query heads")
 
     @property
     def head_dim(self) -> int:
@@ -48,24 +61,26 @@ REFERENCE_SHAPES = {s.name: s for s in (LLAMA2_7B, LLAMA2_13B, LLAMA2_70B)}
 
 
 def _dtype_bytes(dtype: str) -> float:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
-    return DTYPE_BYTES[dtype]
+    return DTYPE_BYTES[check_choice("dtype", dtype, DTYPE_BYTES)]
+
+
+def _check_shape(shape) -> LLMShape:
+    if not isinstance(shape, LLMShape):
+        raise bad("shape", shape, f"an LLMShape, e.g. one of {sorted(REFERENCE_SHAPES)} from REFERENCE_SHAPES")
+    return shape
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, low=1)
 
 
 def weight_bytes(shape: LLMShape, dtype: str = "bf16") -> float:
-    return shape.param_count() * _dtype_bytes(dtype)
+    return _check_shape(shape).param_count() * _dtype_bytes(dtype)
 
 
 def kv_cache_bytes(shape: LLMShape, batch: int, context: int, dtype: str = "bf16") -> float:
     """K and V for every layer, KV head and position: 2 x layers x kv_heads x head_dim x bytes per token."""
-    _positive("batch", batch), _positive("context", context)
+    _check_shape(shape), _positive("batch", batch), _positive("context", context)
     per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * _dtype_bytes(dtype)
     return per_token * batch * context
 
@@ -78,7 +93,7 @@ def activation_bytes(shape: LLMShape, batch: int, context: int, dtype: str = "bf
     score matrix is never materialised, so it is not counted. The fp32 logits of the last position
     (b x vocab x 4 bytes) are added.
     """
-    _positive("batch", batch), _positive("context", context)
+    _check_shape(shape), _positive("batch", batch), _positive("context", context)
     tokens = batch * context
     layer = (2 * tokens * shape.hidden + 2 * tokens * shape.ffn) * _dtype_bytes(dtype)
     return layer + batch * shape.vocab * 4
@@ -95,37 +110,54 @@ def memory_per_device(shape: LLMShape, *, dtype: str = "bf16", batch: int = 1, c
     - ``pipeline``: layers are split ``devices`` ways, with their weights and KV cache; a device holds
       one layer's activations at a time, as before.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    _positive("devices", devices)
+    check_choice("strategy", strategy, STRATEGIES)
+    _check_shape(shape), _positive("devices", devices)
     if strategy == "single" and devices != 1:
-        raise ValueError(f"strategy='single' uses one device, got devices={devices}: "
-                         f"choose 'data', 'tensor' or 'pipeline'")
+        raise bad("devices", devices, "1 for strategy='single'", "choose 'data', 'tensor' or 'pipeline'")
     weights = weight_bytes(shape, dtype)
     kv = kv_cache_bytes(shape, batch, context, dtype)
     act = activation_bytes(shape, batch, context, dtype)
     if strategy == "data":
         if batch < devices:
-            raise ValueError(f"batch={batch} is smaller than devices={devices}: data parallelism "
-                             f"gives each device at least one request; choose batch >= {devices}")
+            raise bad("batch", batch, f"at least devices={devices}",
+                      "data parallelism gives each device at least one request")
         local = -(-batch // devices)  # the busiest device
         kv, act = kv * local / batch, act * local / batch
     elif strategy == "tensor":
+        _check_tensor_devices(shape, devices)
         weights /= devices
         kv_heads_here = max(1, -(-shape.n_kv_heads // devices))
         kv = kv * kv_heads_here / shape.n_kv_heads
         act /= devices
     elif strategy == "pipeline":
-        if devices > shape.n_layers:
-            raise ValueError(f"devices={devices} exceeds n_layers={shape.n_layers}: a pipeline stage "
-                             f"needs at least one layer; choose 1 to {shape.n_layers}")
+        check_int("devices", devices, low=1, high=shape.n_layers,
+                  why=f"a pipeline stage needs at least one of the {shape.n_layers} layers")
         share = -(-shape.n_layers // devices) / shape.n_layers  # the stage with the most layers
         weights, kv = weights * share, kv * share
     return {"weights": weights, "kv_cache": kv, "activations": act, "total": weights + kv + act}
 
 
+def _check_tensor_devices(shape: LLMShape, devices: int) -> None:
+    """Tensor parallelism splits whole heads: ``devices`` must divide the query heads, and divide the
+    KV heads or be a multiple of them (each KV head is then replicated)."""
+    heads, kv = shape.n_heads, shape.n_kv_heads
+    if heads % devices:
+        raise bad("devices", devices, f"a divisor of n_heads={heads}, one of {_divisors(heads)}",
+                  "tensor parallelism gives each device whole attention heads")
+    if kv % devices and devices % kv:
+        raise bad("devices", devices, f"a divisor or a multiple of n_kv_heads={kv}",
+                  "KV heads are split whole, or replicated when devices exceed them")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def fits(per_device: dict[str, float], device_gib: float, reserve: float = 0.1) -> bool:
     """Whether the total fits a device, keeping ``reserve`` of it for the runtime and fragmentation."""
-    if not 0 <= reserve < 1:
-        raise ValueError(f"reserve must be in [0, 1), got {reserve!r}")
+    if not isinstance(per_device, dict) or "total" not in per_device:
+        raise bad("per_device", per_device, "the dict memory_per_device returns (with a 'total')")
+    check_real("device_gib", device_gib, low=0, low_open=True)
+    check_real("reserve", reserve, low=0, high=1, high_open=True,
+               why="the share of the device kept for the runtime and fragmentation")
     return per_device["total"] <= device_gib * GiB * (1 - reserve)

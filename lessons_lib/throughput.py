@@ -7,6 +7,7 @@ import time
 import torch
 
 from .model import generate
+from .validate import bad, check_int
 
 
 def batch_sweep(model, batch_sizes=(1, 2, 4, 8, 16, 32), *, prompt_len: int = 16,
@@ -17,10 +18,11 @@ def batch_sweep(model, batch_sizes=(1, 2, 4, 8, 16, 32), *, prompt_len: int = 16
     throughput is ``batch x new_tokens / time``.
     """
     for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch_sizes must be ints >= 1, got {batch_sizes!r}")
+        check_int(name, value, low=1)
+    if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__") or not batch_sizes:
+        raise bad("batch_sizes", batch_sizes, "a non-empty list of ints >= 1")
+    for i, b in enumerate(batch_sizes):
+        check_int(f"batch_sizes[{i}]", b, low=1)
     vocab = model.config.vocab_size
     rows = []
     for batch in batch_sizes:

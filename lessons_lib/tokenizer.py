@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .validate import bad, check_choice, check_str, check_token_ids
+
 PADDING_SIDES = ("left", "right")
 
 
@@ -32,8 +34,8 @@ class ByteTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``: optional BOS, its UTF-8 bytes, optional EOS."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_str("text", text, allow_empty=True, why=f"got a {type(text).__name__}"
+                  + (": decode bytes first" if isinstance(text, bytes) else ""))
         ids = list(text.encode("utf-8"))
         if bos:
             ids.insert(0, self.bos_id)
@@ -45,12 +47,18 @@ class ByteTokenizer:
         """Text of ``ids``; special ids are skipped and broken UTF-8 becomes U+FFFD.
 
         A model can stop in the middle of a multi-byte character, so decoding must
-        not raise on an incomplete sequence.
+        not raise on an incomplete sequence. An id outside the vocabulary is an error:
+        it comes from a bug, not from the model.
         """
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
-                raise ValueError(f"decode expects one sequence (1-D ids), got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
+                raise bad("ids", f"a tensor of shape {tuple(ids.shape)}", "one sequence (1-D ids)",
+                          "decode each row on its own")
+            ids = check_token_ids("ids", ids, self.vocab_size, allow_empty=True).tolist()
+        else:
+            if isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)):
+                ids = list(ids)                 # a generator is read once, here
+            check_token_ids("ids", ids, self.vocab_size, allow_empty=True)
         data = bytes(i for i in ids if 0 <= i < 256)
         return data.decode("utf-8", errors="replace")
 
@@ -62,10 +70,12 @@ class ByteTokenizer:
         for padding. Left padding is what generation wants: every row's last real
         token sits in the last column, so the next token is appended in one place.
         """
-        if padding_side not in PADDING_SIDES:
-            raise ValueError(f"padding_side={padding_side!r}; choose one of {PADDING_SIDES}")
-        if isinstance(texts, str) or len(texts) == 0:
-            raise ValueError("texts must be a non-empty list of strings")
+        check_choice("padding_side", padding_side, PADDING_SIDES)
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence) or len(texts) == 0:
+            raise bad("texts", texts, "a non-empty list of strings",
+                      "wrap a single text in a list" if isinstance(texts, str) else "")
+        for i, text in enumerate(texts):
+            check_str(f"texts[{i}]", text, allow_empty=True)
         rows = [self.encode(t, bos=bos) for t in texts]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

@@ -39,14 +39,14 @@ def bad(name: str, value, expected: str, why: str = "") -> BadArgument:
     return BadArgument(f"{name}={shown} is not valid: expected {expected}{reason}")
 
 
-def _bounds(low, high, low_open: bool = False) -> str:
+def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
     if low is not None and high is not None:
-        left = "(" if low_open else "["
-        return f" in {left}{low}, {high}]"
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f" in {left}{low}, {high}{right}"
     if low is not None:
         return f" {'>' if low_open else '>='} {low}"
     if high is not None:
-        return f" <= {high}"
+        return f" {'<' if high_open else '<='} {high}"
     return ""
 
 
@@ -65,9 +65,10 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
 
 
 def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, allow_inf: bool = False, why: str = "") -> float:
-    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    expected = ("a number" if allow_inf else "a finite number") + _bounds(low, high, low_open)
+               low_open: bool = False, high_open: bool = False, allow_inf: bool = False,
+               why: str = "") -> float:
+    """``value`` as a finite ``float`` in ``[low, high]``; ``low_open``/``high_open`` exclude an end."""
+    expected = ("a number" if allow_inf else "a finite number") + _bounds(low, high, low_open, high_open)
     if isinstance(value, bool):
         raise bad(name, value, expected, why or "a bool is not a number")
     if not isinstance(value, numbers.Real):
@@ -78,7 +79,8 @@ def check_real(name: str, value, *, low: float | None = None, high: float | None
     if math.isinf(value) and not allow_inf:
         raise bad(name, value, expected, why)
     too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
         raise bad(name, value, expected, why)
     return value
 

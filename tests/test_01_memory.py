@@ -54,13 +54,13 @@ def test_70b_needs_more_than_one_80gib_device_in_bf16():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(dtype="fp8"), "dtype must be one of"),
-    (dict(strategy="expert"), "strategy must be one of"),
-    (dict(devices=0), "devices must be an int >= 1"),
-    (dict(batch=0), "batch must be an int >= 1"),
-    (dict(devices=2), "strategy='single' uses one device"),
-    (dict(devices=4, strategy="data", batch=2), "batch=2 is smaller than devices=4"),
-    (dict(devices=81, strategy="pipeline"), "devices=81 exceeds n_layers=80"),
+    (dict(dtype="fp8"), "dtype='fp8' is not valid: expected one of"),
+    (dict(strategy="expert"), "strategy='expert' is not valid: expected one of"),
+    (dict(devices=0), "devices=0 is not valid: expected an int >= 1"),
+    (dict(batch=0), "batch=0 is not valid: expected an int >= 1"),
+    (dict(devices=2), "devices=2 is not valid: expected 1 for strategy='single'"),
+    (dict(devices=4, strategy="data", batch=2), "batch=2 is not valid: expected at least devices=4"),
+    (dict(devices=81, strategy="pipeline"), r"devices=81 is not valid: expected an int in \[1, 80\]"),
 ])
 def test_bad_inputs_name_the_parameter(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -81,7 +81,7 @@ def test_calculator_widget_recomputes_when_a_control_moves():
 def test_calculator_explains_an_impossible_choice_and_keeps_its_report():
     calc = MemoryCalculator(strategy="data", devices=4, batch=4)
     calc.controls["batch"].value = 2
-    assert "batch=2 is smaller than devices=4" in calc.message.value
+    assert "batch=2 is not valid: expected at least devices=4" in calc.message.value
     assert calc.report["devices"] == 4
 
 

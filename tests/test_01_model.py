@@ -283,3 +283,20 @@ def test_generation_beyond_max_seq_len_is_refused_before_any_work():
                                          r"positions, beyond max_seq_len=128: choose max_new_tokens <= 28"):
         generate(model, ids, 29, attention_mask=mask)
     assert generate(model, ids, 28, attention_mask=mask).shape == (2, 128)
+
+
+def test_every_legitimate_form_of_the_inputs_still_runs():
+    # The checks on the forward's entry must not refuse what callers pass: bool or long masks,
+    # int32 or long ids, explicit positions, and a batch of no rows (a data-parallel rank's share).
+    torch.manual_seed(0)
+    model = TinyLM(SMALL).eval()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+        torch.testing.assert_close(model(ids, attention_mask=mask.bool()), ref)
+        torch.testing.assert_close(model(ids.int(), attention_mask=mask), ref)
+        torch.testing.assert_close(model(ids, positions=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]),
+                                         attention_mask=mask), ref)
+        assert model(ids[:0]).shape == (0, 4, SMALL.vocab_size)
+    assert generate(model, ids, 2, attention_mask=mask.bool()).shape == (2, 6)

@@ -46,24 +46,24 @@ def test_tp1_groups_do_not_reduce_over_the_world():
 
 
 @pytest.mark.parametrize("tp, pp, words", [
-    (3, 1, "world size 4 is not a multiple of tp x pp = 3 x 1"),
-    (0, 1, "tp must be an int >= 1"),
+    (3, 1, "tp x pp=3 is not valid: expected a divisor of the world size 4 (tp x pp = 3 x 1"),
+    (0, 1, "tp=0 is not valid: expected an int >= 1"),
 ])
 def test_bad_mesh_sizes_name_the_parameter(tp, pp, words):
     with pytest.raises(DistributedError) as info:
         run_distributed(lambda: Mesh(tp=tp, pp=pp), 4)
-    assert info.value.remote_type == "ValueError"
+    assert info.value.remote_type == "BadArgument"          # a ValueError that names the parameter
     assert words in info.value.remote_traceback
 
 
 def test_explicit_sizes_must_multiply_to_the_world():
     with pytest.raises(DistributedError) as info:
         run_distributed(lambda: Mesh(tp=2, pp=1, dp=1), 4)
-    assert "world size 4 != tp x pp x dp = 2 x 1 x 1 = 2" in info.value.remote_traceback
+    assert "tp x pp x dp=2 is not valid: expected the world size 4 (tp x pp x dp = 2 x 1 x 1" in info.value.remote_traceback
 
 
 def test_bad_axis_and_sizes_in_pure_functions():
-    with pytest.raises(ValueError, match="axis must be one of"):
+    with pytest.raises(ValueError, match="axis='cp' is not valid: expected one of"):
         groups_along(mesh_grid(2), "cp")
-    with pytest.raises(ValueError, match="pp must be an int >= 1"):
+    with pytest.raises(ValueError, match="pp=0 is not valid: expected an int >= 1"):
         mesh_grid(tp=2, pp=0)

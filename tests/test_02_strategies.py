@@ -50,8 +50,8 @@ def test_pp_gives_each_rank_whole_layers():
 
 @pytest.mark.parametrize("args, words", [
     (("tp", 3), "tp=3 does not divide n_heads=4: choose tp among 1, 2 or 4"),
-    (("zp", 2), "strategy='zp': choose one of dp, tp"),
-    (("dp", 0), "world_size must be an int >= 1"),
+    (("zp", 2), "strategy='zp' is not valid: expected one of 'dp', 'tp'"),
+    (("dp", 0), "world_size=0 is not valid: expected an int >= 1"),
 ])
 def test_bad_inputs_name_the_parameter(args, words):
     with pytest.raises(ValueError, match=words):

@@ -46,8 +46,8 @@ def test_dp_replicas_never_cross_nodes_and_batch_scales_linearly():
 
 @pytest.mark.parametrize("args, words", [
     ((2, 4, 4, 4, 1), "tp x pp x dp = 4 x 4 x 1 = 16 ranks"),
-    ((2, 4, 0, 2, 1), "tp must be an int >= 1"),
-    ((2, 4, 4, 2, 1, ("tp", "pp")), "order must be a permutation"),
+    ((2, 4, 0, 2, 1), "tp=0 is not valid: expected an int >= 1"),
+    ((2, 4, 4, 2, 1, ("tp", "pp")), "order=('tp', 'pp') is not valid: expected a permutation"),
 ])
 def test_bad_plans_are_named(args, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -124,7 +124,7 @@ def test_tp_that_splits_a_head_is_refused(tmp_path):
 
 # -- torchrun: two "nodes" on localhost --------------------------------------------------
 def test_torchrun_command_rejects_bad_node_rank():
-    with pytest.raises(ValueError, match="node_rank must be in 0..1"):
+    with pytest.raises(ValueError, match=r"node_rank=2 is not valid: expected an int in \[0, 1\]"):
         torchrun_command(2, 2, 2, 1234)
 
 

@@ -55,9 +55,10 @@ def test_warm_up_preloads_so_the_first_request_hits():
 
 
 def test_bad_cache_settings_are_clear_errors():
-    with pytest.raises(ValueError, match=r"budget_bytes=30 is smaller than model 'a' \(40 bytes\)"):
+    with pytest.raises(ValueError, match=r"budget_bytes=30 is not valid: expected at least 40 "
+                                         r"\(smaller than model 'a' \(40 bytes\)\)"):
         ModelCache(_loader(SIZES), budget_bytes=30).get("a")
-    with pytest.raises(ValueError, match=r"policy='fifo'; choose one of \('lru', 'lfu'\)"):
+    with pytest.raises(ValueError, match=r"policy='fifo' is not valid: expected one of 'lru', 'lfu'"):
         ModelCache(_loader(SIZES), 100, policy="fifo")
     with pytest.raises(ValueError, match="budget_bytes=0"):
         ModelCache(_loader(SIZES), 0)
@@ -76,13 +77,13 @@ def test_allocator_free_list_refcounts_and_out_of_blocks():
     alloc.free(1)
     assert alloc.allocate() == 1
     alloc.free(0)
-    with pytest.raises(ValueError, match="block 0 is not allocated"):
+    with pytest.raises(ValueError, match="block=0 is not valid: expected an allocated block"):
         alloc.free(0)
 
 
 @pytest.mark.parametrize("block_size", [0, -4, 2.5, True])
 def test_block_size_must_be_positive(block_size):
-    with pytest.raises(ValueError, match="block_size=.* must be a positive number of tokens"):
+    with pytest.raises(ValueError, match="block_size=.* is not valid: expected an int >= 1 .tokens per block"):
         BlockAllocator(4, block_size)
 
 
@@ -170,6 +171,79 @@ def test_prefill_with_a_shared_system_prompt_reuses_blocks_and_gives_the_same_lo
     assert torch.allclose(logits_b, full[:, reused_b:], atol=1e-5)
 
 
+# -- a refused operation leaves the pool as it was ----------------------------------------------
+def _state(allocator, prefix_cache=None):
+    cached = None if prefix_cache is None else dict(prefix_cache.block_of)
+    return list(allocator.free_blocks), list(allocator.ref_counts), cached
+
+
+@pytest.mark.parametrize("use_prefix_cache", [False, True])
+def test_prefill_too_long_for_the_pool_takes_nothing_and_the_next_request_runs(model, use_prefix_cache):
+    pool = KVBlockPool.for_model(model.config, num_blocks=4, block_size=4)
+    pc = PrefixCache(pool.allocator) if use_prefix_cache else None
+    _, held, _ = prefill(model, [256, 1, 2, 3, 4], pool, pc)        # 2 blocks held
+    before = _state(pool.allocator, pc)
+    with pytest.raises(OutOfBlocksError, match=r"needs [34] new blocks .* only 2 of 4 are free"):
+        prefill(model, [256, 1, 2, 3] + [9] * 9, pool, pc)          # 4 blocks (1 shared) > 2 free
+    assert _state(pool.allocator, pc) == before
+    _, seq, _ = prefill(model, [256], pool, pc)                     # the next one-token request
+    assert len(seq.block_table) == 1 and pool.allocator.num_free == 1
+
+
+def test_prefill_returns_every_block_when_the_model_fails(model):
+    pool = KVBlockPool.for_model(model.config, num_blocks=8, block_size=4)
+    pc = PrefixCache(pool.allocator)
+    _, seq, _ = prefill(model, list(range(9)), pool, pc)
+    pc.release(seq.block_table)
+    before = _state(pool.allocator)
+
+    def failing(ids, **kwargs):
+        model(ids, **kwargs)                    # blocks are allocated and written, then:
+        raise RuntimeError("the model failed")
+    failing.config = model.config
+    with pytest.raises(RuntimeError, match="the model failed"):
+        prefill(failing, list(range(9)) + [5] * 6, pool, pc)
+    free, refs, _ = _state(pool.allocator)
+    assert sorted(free) == sorted(before[0]) and refs == before[1]
+
+
+def test_paged_cache_that_outgrows_the_pool_takes_no_block(model):
+    pool = KVBlockPool.for_model(model.config, num_blocks=2, block_size=4)
+    seq = PagedSequenceCache(pool)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=seq)
+        with pytest.raises(OutOfBlocksError, match="need 2 more blocks"):
+            model(torch.tensor([[4] * 9]), cache=seq)
+    assert seq.block_table == [0] and pool.allocator.num_free == 1 and seq.seq_len == 3
+
+
+def test_release_of_a_bad_table_frees_nothing():
+    alloc = BlockAllocator(4, 2)
+    pc = PrefixCache(alloc)
+    table = [alloc.allocate(), alloc.allocate()]
+    before = _state(alloc, pc)
+    for bad_table in ([table[0], table[0]], [table[1], 3], [table[0], 99], [table[0], "1"]):
+        with pytest.raises(ValueError, match="block"):
+            pc.release(bad_table)
+        assert _state(alloc, pc) == before
+
+
+def test_a_failed_load_leaves_the_model_cache_as_it_was():
+    cache = ModelCache(_loader(dict(SIZES, big=31)), budget_bytes=120)    # big: 124 bytes
+    for name in "abc":
+        cache.get(name)
+
+    def snapshot():
+        return list(cache.entries), dict(cache.counts), list(cache.events), cache.hits, cache.misses
+
+    before = snapshot()
+    with pytest.raises(ValueError, match="budget_bytes=120"):
+        cache.get("big")
+    with pytest.raises(KeyError):
+        cache.get("missing")                    # the loader raises
+    assert snapshot() == before
+
+
 # -- the widget ----------------------------------------------------------------------------
 def test_block_timeline_replays_the_events():
     snaps = block_timeline(EXAMPLE_EVENTS, num_blocks=16, block_size=8)
@@ -179,7 +253,7 @@ def test_block_timeline_replays_the_events():
     assert "A" not in finish_a["tables"] and finish_a["free"] == 9
     with pytest.raises(OutOfBlocksError, match="event 1"):
         block_timeline([("arrive", "A", 8), ("arrive", "B", 9)], num_blocks=2, block_size=8)
-    with pytest.raises(ValueError, match="'leave'; choose one of"):
+    with pytest.raises(ValueError, match=r"events\[0\] kind='leave' is not valid: expected one of"):
         block_timeline([("leave", "A")])
 
 

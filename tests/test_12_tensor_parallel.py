@@ -54,7 +54,7 @@ def test_kv_heads_are_replicated_when_tp_exceeds_them():
 @pytest.mark.parametrize("tp, words", [
     (3, "tp=3 does not divide n_heads=4: choose tp among 1, 2 or 4"),
     (8, "tp=8 does not divide n_heads=4"),
-    (0, "tp must be an int >= 1"),
+    (0, "tp=0 is not valid: expected an int >= 1"),
 ])
 def test_validate_tp_names_the_parameter_and_valid_choices(tp, words):
     with pytest.raises(ValueError, match=words):
@@ -190,9 +190,9 @@ def _indivisible():
 def test_tp_not_dividing_heads_is_a_value_error_on_the_ranks():
     with pytest.raises(DistributedError) as info:
         run_distributed(_indivisible, 2)
-    assert info.value.remote_type == "ValueError"
-    assert "layers.0.attn.q_proj: tp=2 does not divide n_heads=3: choose tp among 1 or 3" \
-        in info.value.remote_traceback
+    assert info.value.remote_type == "BadArgument"          # a ValueError that names the parameter
+    assert ("layers.0.attn.q_proj: tp=2 is not valid: expected a divisor of n_heads=3 "
+            "(tp=2 does not divide n_heads=3: choose tp among 1 or 3)") in info.value.remote_traceback
 
 
 def _torch_parallelize_module(ids):

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..validate import bad, check_choice, check_int, check_str, check_str_list
+
 POLICIES = ("lru", "lfu")
 
 
@@ -36,14 +38,17 @@ class ModelCache:
 
     ``size_of(model)`` says how many bytes a model costs (default: its parameters
     and buffers). ``events`` records ("hit" | "load" | "evict", name) in order.
+    A load that fails (the loader raises, or the model exceeds the whole budget)
+    leaves the cache, its counts and its events as they were.
     """
 
     def __init__(self, loader: Callable[[str], nn.Module], budget_bytes: int, policy: str = "lru",
                  size_of: Callable[[nn.Module], int] = module_bytes) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r}; choose one of {POLICIES}")
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
-            raise ValueError(f"budget_bytes={budget_bytes!r} must be a positive integer")
+        check_choice("policy", policy, POLICIES)
+        check_int("budget_bytes", budget_bytes, low=1)
+        for name, fn in (("loader", loader), ("size_of", size_of)):
+            if not callable(fn):
+                raise bad(name, fn, "a function")
         self.loader, self.budget_bytes, self.policy, self.size_of = loader, budget_bytes, policy, size_of
         self.entries: OrderedDict[str, nn.Module] = OrderedDict()   # least recently used first
         self.sizes: dict[str, int] = {}
@@ -60,19 +65,25 @@ class ModelCache:
 
     def get(self, name: str) -> nn.Module:
         """The model ``name``, from memory if resident, else loaded (evicting as needed)."""
-        self.counts[name] = self.counts.get(name, 0) + 1
+        check_str("name", name)
         if name in self.entries:
             self.hits += 1
             self.entries.move_to_end(name)
             self.events.append(("hit", name))
-            return self.entries[name]
-        self.misses += 1
-        return self._load(name)
+            model = self.entries[name]
+        else:
+            model = self._load(name)        # the victim is chosen among the others: counting
+            self.misses += 1                # this request after the load changes no choice
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return model
 
     def warm_up(self, names: list[str]) -> list[float]:
-        """Load ``names`` ahead of traffic (not counted as requests); return each load's seconds."""
+        """Load ``names`` ahead of traffic (not counted as requests); return each load's seconds.
+
+        The models before one that fails to load stay loaded.
+        """
         seconds = []
-        for name in names:
+        for name in check_str_list("names", names, allow_empty=True):
             if name not in self.entries:
                 start = time.perf_counter()
                 self._load(name)
@@ -87,11 +98,12 @@ class ModelCache:
         return min(self.entries, key=lambda name: self.counts.get(name, 0))
 
     def _load(self, name: str) -> nn.Module:
+        """Load ``name`` and make room for it; everything that can fail happens before any eviction."""
         model = self.loader(name)
-        size = self.size_of(model)
+        size = check_int(f"size_of({name!r})", self.size_of(model), low=0)
         if size > self.budget_bytes:
-            raise ValueError(f"budget_bytes={self.budget_bytes} is smaller than model {name!r} "
-                             f"({size} bytes): choose budget_bytes >= {size}")
+            raise bad("budget_bytes", self.budget_bytes, f"at least {size}",
+                      f"smaller than model {name!r} ({size} bytes)")
         while self.used_bytes + size > self.budget_bytes:
             evicted = self.victim()
             del self.entries[evicted], self.sizes[evicted]

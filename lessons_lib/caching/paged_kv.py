@@ -17,19 +17,20 @@ attention output is the same (``paged_attention`` vs ``contiguous_attention``).
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 
 import torch
+
+from ..validate import bad, check_int
 
 
 class OutOfBlocksError(RuntimeError):
     """The pool has no free block left: a scheduler would now preempt or queue a request."""
 
 
-def check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size={block_size!r} must be a positive number of tokens "
-                         "per block, e.g. 16 (vLLM's default) or 8, 32")
+def check_block_size(block_size: int) -> int:
+    return check_int("block_size", block_size, low=1,
+                     why="tokens per block, e.g. 16 as vLLM defaults to, or 8, 32")
 
 
 class BlockAllocator:
@@ -37,11 +38,12 @@ class BlockAllocator:
 
     A block with more than one reference is shared (two sequences with the same
     prefix); it returns to the free list when its last reference is dropped.
+    Every method that raises checks first and changes nothing: a refused request
+    must not leak blocks that the next request then lacks.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
-            raise ValueError(f"num_blocks={num_blocks!r} must be a positive integer")
+        check_int("num_blocks", num_blocks, low=1)
         check_block_size(block_size)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -63,31 +65,47 @@ class BlockAllocator:
 
     def take(self, block: int) -> None:
         """Allocate one particular free block (a prefix-cache hit on a block nobody holds)."""
+        self._check_id(block)
         if self.ref_counts[block] != 0:
-            raise ValueError(f"block {block} is in use; use incref to share it")
+            raise bad("block", block, "a free block", "it is in use; use incref to share it")
         self.free_blocks.remove(block)
         self.ref_counts[block] = 1
 
     def incref(self, block: int) -> None:
-        self._check(block)
+        self._check_held(block)
         self.ref_counts[block] += 1
 
     def free(self, block: int) -> None:
         """Drop one reference; the block is free again when none is left."""
-        self._check(block)
+        self._check_held(block)
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             self.free_blocks.append(block)
 
-    def _check(self, block: int) -> None:
-        if not 0 <= block < self.num_blocks or self.ref_counts[block] == 0:
-            raise ValueError(f"block {block} is not allocated (valid ids 0..{self.num_blocks - 1}, "
-                             "and only blocks in use can be shared or freed)")
+    def free_all(self, blocks: list[int]) -> None:
+        """Drop one reference per entry of ``blocks``, all or none: every entry is checked first."""
+        for block, times in Counter(self._check_id(b) for b in blocks).items():
+            if self.ref_counts[block] < times:
+                raise bad("blocks", blocks, "blocks in use, each listed at most as often as it is "
+                          "referenced", f"block {block} is listed {times} times but has "
+                          f"{self.ref_counts[block]} references")
+        for block in blocks:
+            self.free(block)
+
+    def _check_id(self, block: int) -> int:
+        return check_int("block", block, low=0, high=self.num_blocks - 1,
+                         why=f"a block id of this pool of {self.num_blocks}")
+
+    def _check_held(self, block: int) -> None:
+        if self.ref_counts[self._check_id(block)] == 0:
+            raise bad("block", block, "an allocated block",
+                      "it is free: only blocks in use can be shared or freed")
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold ``num_tokens`` tokens: ceil(num_tokens / block_size)."""
-    return math.ceil(num_tokens / block_size)
+    check_int("num_tokens", num_tokens, low=0)
+    return -(-num_tokens // check_block_size(block_size))
 
 
 class KVBlockPool:
@@ -98,6 +116,10 @@ class KVBlockPool:
 
     def __init__(self, num_blocks: int, block_size: int, n_layers: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            check_int(name, value, low=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise bad("dtype", dtype, "a floating-point torch.dtype, e.g. torch.float32")
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.block_size = block_size
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
@@ -152,9 +174,8 @@ class PagedSequenceCache:
                  num_cached: int = 0, allocate=None) -> None:
         self.pool = pool
         self.block_table = list(block_table or [])
-        if num_cached > len(self.block_table) * pool.block_size:
-            raise ValueError(f"num_cached={num_cached} tokens do not fit in "
-                             f"{len(self.block_table)} blocks of {pool.block_size}")
+        check_int("num_cached", num_cached, low=0, high=len(self.block_table) * pool.block_size,
+                  why=f"the tokens already in its {len(self.block_table)} blocks of {pool.block_size}")
         # Where a new block comes from: the allocator, or a prefix cache that may evict.
         self._allocate = allocate or pool.allocator.allocate
         self.layer_lens = [num_cached] * len(pool.k)
@@ -171,17 +192,34 @@ class PagedSequenceCache:
 
     def free(self) -> None:
         """Return every block of this sequence (shared blocks just lose a reference)."""
-        for block in self.block_table:
-            self.pool.allocator.free(block)
+        self.pool.allocator.free_all(self.block_table)
         self.block_table = []
+
+    def _grow(self, num_tokens: int) -> None:
+        """Blocks for ``num_tokens`` tokens in all, or OutOfBlocksError with nothing taken."""
+        missing = blocks_needed(num_tokens, self.pool.block_size) - len(self.block_table)
+        allocator = self.pool.allocator
+        if missing > allocator.num_free:
+            raise OutOfBlocksError(
+                f"{num_tokens} tokens need {missing} more blocks of {self.pool.block_size} tokens, but "
+                f"only {allocator.num_free} of {allocator.num_blocks} are free: free a finished "
+                "sequence, or make the pool larger")
+        taken = []
+        try:
+            for _ in range(missing):
+                taken.append(self._allocate())
+        except BaseException:
+            allocator.free_all(taken)
+            raise
+        self.block_table += taken
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != 1:
-            raise ValueError(f"PagedSequenceCache holds one sequence; got batch {k.shape[0]}")
+            raise bad("k", f"a tensor of batch {k.shape[0]}", "batch 1",
+                      "a PagedSequenceCache holds one sequence")
         start, n_new = self.layer_lens[layer], k.shape[2]
         bs = self.pool.block_size
-        while len(self.block_table) * bs < start + n_new:
-            self.block_table.append(self._allocate())
+        self._grow(start + n_new)
         positions = torch.arange(start, start + n_new)
         blocks = torch.tensor(self.block_table)[positions // bs]
         offsets = positions % bs

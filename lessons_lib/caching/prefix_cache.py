@@ -18,10 +18,12 @@ never evicted.
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 
-from .paged_kv import BlockAllocator, KVBlockPool, PagedSequenceCache
+from ..validate import bad, check_token_ids
+from .paged_kv import BlockAllocator, KVBlockPool, OutOfBlocksError, PagedSequenceCache, blocks_needed
 
 ROOT_HASH = ""
 
@@ -61,23 +63,33 @@ class PrefixCache:
             self.evictions += 1
         return block
 
-    def match(self, tokens: list[int]) -> tuple[list[int], int]:
-        """Share the cached blocks of the longest cached prefix of ``tokens``.
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """The cached blocks of the longest cached prefix of ``tokens``, without sharing them.
 
-        Returns ``(blocks, num_tokens)``. At least one token is always left to
-        compute, because the model must run on something to give the next-token logits.
+        The chain stops at the first block not cached: a prefix is reused only while
+        every one of its blocks is still there. The last token is never covered, because
+        the model must run on something to give the next-token logits.
         """
         blocks = []
         for digest in block_hashes(tokens[:len(tokens) - 1], self.block_size):
             block = self.block_of.get(digest)
             if block is None:
                 break
+            blocks.append(block)
+        return blocks
+
+    def match(self, tokens: list[int]) -> tuple[list[int], int]:
+        """Share the cached blocks of the longest cached prefix of ``tokens``.
+
+        Returns ``(blocks, num_tokens)``; each block gains one reference.
+        """
+        blocks = self.lookup(tokens)
+        for block in blocks:
             if self.allocator.ref_counts[block] == 0:
                 self.allocator.take(block)       # off the free list: no longer evictable
             else:
                 self.allocator.incref(block)
-            blocks.append(block)
-        n_full = len(tokens[:len(tokens) - 1]) // self.block_size
+        n_full = max(0, len(tokens) - 1) // self.block_size
         self.hits += len(blocks)
         self.misses += n_full - len(blocks)
         return blocks, len(blocks) * self.block_size
@@ -91,12 +103,21 @@ class PrefixCache:
 
     def release(self, block_table: list[int]) -> None:
         """A sequence is done: drop its references; cached blocks stay until evicted."""
-        for block in block_table:
-            self.allocator.free(block)
+        self.allocator.free_all(block_table)
 
     @property
     def num_cached(self) -> int:
         return len(self.hash_of)
+
+
+def _prompt_ids(ids, vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints, refused with its name if it is not one prompt of valid ids."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise bad("ids", ids, "one prompt: a list of ints or a 1-D tensor",
+                      f"got a tensor of shape {tuple(ids.shape)}")
+        return check_token_ids("ids", ids, vocab_size).tolist()
+    return [int(i) for i in check_token_ids("ids", ids, vocab_size)]
 
 
 def prefill(model, ids: list[int], pool: KVBlockPool, prefix_cache: PrefixCache | None = None,
@@ -105,15 +126,37 @@ def prefill(model, ids: list[int], pool: KVBlockPool, prefix_cache: PrefixCache 
 
     Returns ``(logits of the computed tokens, the sequence's cache, tokens reused)``.
     Only ``len(ids) - reused`` tokens go through the model.
+
+    All or nothing: a prompt that does not fit the free blocks raises
+    :class:`OutOfBlocksError` before any block is taken, and a failure inside the
+    model returns every block this call took.
     """
+    ids = _prompt_ids(ids, getattr(getattr(model, "config", None), "vocab_size", sys.maxsize))
+    if prefix_cache is not None and prefix_cache.allocator is not pool.allocator:
+        raise bad("prefix_cache", prefix_cache, "a PrefixCache over pool.allocator",
+                  "its blocks must be this pool's blocks")
+    allocator = pool.allocator
+    shared = [] if prefix_cache is None else prefix_cache.lookup(ids)
+    # Shared blocks nobody holds are on the free list: sharing them uses up free blocks too.
+    available = allocator.num_free - sum(allocator.ref_counts[b] == 0 for b in shared)
+    missing = blocks_needed(len(ids), pool.block_size) - len(shared)
+    if missing > available:
+        raise OutOfBlocksError(
+            f"a prompt of {len(ids)} tokens needs {missing} new blocks of {pool.block_size} tokens "
+            f"({len(shared)} shared from the prefix cache), but only {available} of "
+            f"{allocator.num_blocks} are free: free a finished sequence, or make the pool larger")
     if prefix_cache is None:
         blocks, reused, allocate = [], 0, None
     else:
         (blocks, reused), allocate = prefix_cache.match(ids), prefix_cache.allocate
     seq = PagedSequenceCache(pool, blocks, reused, allocate=allocate)
-    x = torch.tensor([ids[reused:]])
-    with torch.no_grad():
-        logits = model(x, attention_mask=torch.ones(1, len(ids), dtype=torch.long), cache=seq)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[reused:]]),
+                           attention_mask=torch.ones(1, len(ids), dtype=torch.long), cache=seq)
+    except BaseException:
+        seq.free()
+        raise
     if prefix_cache is not None:
         prefix_cache.register(ids, seq.block_table)
     return logits, seq, reused

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from ..validate import check_int, check_real
+
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -56,11 +58,10 @@ def free_port() -> int:
 
 def torchrun_command(nnodes: int, node_rank: int, nproc_per_node: int, port: int) -> list[str]:
     """The ``torchrun`` command line of one node, run by this Python interpreter."""
-    for name, value in (("nnodes", nnodes), ("nproc_per_node", nproc_per_node), ("port", port)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
-        raise ValueError(f"node_rank must be in 0..{nnodes - 1}, got {node_rank!r}")
+    check_int("nnodes", nnodes, low=1)
+    check_int("nproc_per_node", nproc_per_node, low=1)
+    check_int("port", port, low=1, high=65535)
+    check_int("node_rank", node_rank, low=0, high=nnodes - 1, why=f"one number per node of {nnodes}")
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
             f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1", "--max-restarts=0",
@@ -77,6 +78,9 @@ def launch_nodes(nnodes: int = 2, nproc_per_node: int = 2, timeout: float = 240.
     """
     import signal
 
+    check_int("nnodes", nnodes, low=1)
+    check_int("nproc_per_node", nproc_per_node, low=1)
+    check_real("timeout", timeout, low=0, low_open=True, why="seconds")
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -21,6 +21,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..parallel.mesh import groups_along, mesh_grid
+from ..validate import bad, check_int
 
 AXES = ("dp", "pp", "tp")
 GOOD_ORDER = ("dp", "pp", "tp")   # TP peers on adjacent devices: inside a node
@@ -47,8 +48,7 @@ class Placement:
 
 
 def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int(name, value, low=1)
 
 
 def check_plan(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int) -> None:
@@ -56,9 +56,9 @@ def check_plan(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int) -> 
                         ("pp", pp), ("dp", dp)):
         _positive(name, value)
     if tp * pp * dp != nodes * devices_per_node:
-        raise ValueError(f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} ranks, but the cluster has "
-                         f"nodes x devices_per_node = {nodes} x {devices_per_node} = "
-                         f"{nodes * devices_per_node} devices: they must be equal")
+        raise bad("tp x pp x dp", tp * pp * dp, f"nodes x devices_per_node = {nodes} x {devices_per_node} "
+                  f"= {nodes * devices_per_node}, one rank per device",
+                  f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} ranks")
 
 
 def place_ranks(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int = 1,
@@ -70,8 +70,8 @@ def place_ranks(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int = 1
     so a TP group of size ``<= devices_per_node`` (dividing it) stays in one node.
     """
     check_plan(nodes, devices_per_node, tp, pp, dp)
-    if sorted(order) != sorted(AXES):
-        raise ValueError(f"order must be a permutation of {AXES}, got {order!r}")
+    if isinstance(order, str) or not hasattr(order, "__iter__") or sorted(order) != sorted(AXES):
+        raise bad("order", order, f"a permutation of {AXES}, outermost axis first")
     sizes = {"dp": dp, "pp": pp, "tp": tp}
     devices = [None] * (tp * pp * dp)
     slot = 0
@@ -85,7 +85,11 @@ def place_ranks(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int = 1
 
 def check_placement(placement: Placement) -> None:
     """Every rank on a real device, no device used twice (a ValueError says which)."""
+    if not isinstance(placement, Placement):
+        raise bad("placement", placement, "a Placement, e.g. from place_ranks")
     p = placement
+    for name in ("nodes", "devices_per_node", "tp", "pp", "dp"):
+        _positive(name, getattr(p, name))
     if len(p.devices) != p.tp * p.pp * p.dp:
         raise ValueError(f"devices has {len(p.devices)} entries; the plan has {p.tp * p.pp * p.dp} ranks")
     seen = {}
@@ -120,8 +124,9 @@ def cross_node_bytes_per_token(placement: Placement, hidden: int, n_layers: int,
         _positive(name, value)
     p = placement
     if n_layers % p.pp:
-        raise ValueError(f"pp={p.pp} does not divide n_layers={n_layers}: choose pp among "
-                         f"{[d for d in range(1, n_layers + 1) if n_layers % d == 0]}")
+        raise bad("n_layers", n_layers, f"a multiple of pp={p.pp}",
+                  f"pp={p.pp} does not divide n_layers={n_layers}: choose pp among "
+                  f"{[d for d in range(1, n_layers + 1) if n_layers % d == 0]}")
     message = hidden * batch * bytes_per_element
     node = [dev[0] for dev in p.devices]
     tp_bytes = 0.0

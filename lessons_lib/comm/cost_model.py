@@ -35,6 +35,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..validate import bad, check_choice, check_int, check_real
+
 NVLINK4_H100_GB_S = 900.0        # GB/s, total per GPU (NVIDIA H100 datasheet)
 PCIE5_X16_GB_S = 128.0           # GB/s, total (NVIDIA H100 datasheet)
 INFINIBAND_NDR_GBIT_S = 400.0    # Gb/s per port (NVIDIA Quantum-2 InfiniBand)
@@ -47,13 +49,16 @@ SOURCES = {
 
 def ring_all_reduce_terms(n_bytes: float, p: int) -> tuple[float, float]:
     """The coefficients of alpha and beta in the ring all-reduce time: ``(2 (p-1), 2 (p-1)/p n)``."""
-    if p < 2:
-        raise ValueError(f"p must be >= 2 for communication to happen, got {p!r}")
+    check_real("n_bytes", n_bytes, low=0)
+    check_int("p", p, low=2, why="communication needs at least 2 ranks")
     return 2 * (p - 1), 2 * (p - 1) / p * n_bytes
 
 
 def predict_ring_all_reduce(n_bytes: float, p: int, alpha: float, beta: float) -> float:
     """Predicted seconds of a ring all-reduce of ``n_bytes`` on ``p`` ranks."""
+    # Not required >= 0: a least-squares fit of noisy timings may give a slightly negative term.
+    check_real("alpha", alpha, why="seconds per message")
+    check_real("beta", beta, why="seconds per byte")
     a, b = ring_all_reduce_terms(n_bytes, p)
     return a * alpha + b * beta
 
@@ -65,12 +70,15 @@ def fit_alpha_beta(samples: list[tuple[float, int, float]]) -> tuple[float, floa
     Relative errors are minimised (each row divided by ``t``), so microsecond-sized small
     messages weigh as much as millisecond-sized large ones.
     """
+    samples = list(samples)
     if len(samples) < 2:
-        raise ValueError(f"samples must hold at least 2 measurements to fit 2 parameters, got {len(samples)}")
+        raise bad("samples", samples, "at least 2 measurements (n_bytes, p, seconds) to fit 2 parameters")
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, (tuple, list)) or len(sample) != 3:
+            raise bad(f"samples[{i}]", sample, "a tuple (n_bytes, p, seconds)")
+        check_real(f"samples[{i}] seconds", sample[2], low=0, low_open=True)
     rows = torch.tensor([ring_all_reduce_terms(n, p) for n, p, _ in samples], dtype=torch.float64)
     times = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
-    if (times <= 0).any():
-        raise ValueError("every measured time in samples must be > 0 seconds")
     solution = torch.linalg.lstsq(rows / times[:, None], torch.ones_like(times)[:, None]).solution
     alpha, beta = solution[:, 0].tolist()
     return alpha, beta
@@ -78,6 +86,9 @@ def fit_alpha_beta(samples: list[tuple[float, int, float]]) -> tuple[float, floa
 
 def bus_bandwidth(n_bytes: float, seconds: float, p: int) -> float:
     """nccl-tests' all-reduce bus bandwidth in bytes/s: ``n / t * 2 (p-1) / p``."""
+    check_real("n_bytes", n_bytes, low=0)
+    check_real("seconds", seconds, low=0, low_open=True)
+    check_int("p", p, low=1)
     return n_bytes / seconds * 2 * (p - 1) / p
 
 
@@ -91,8 +102,12 @@ def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo"
     """
     from .collectives import ring_all_reduce
 
-    if impl not in ("gloo", "ring"):
-        raise ValueError(f"impl must be 'gloo' or 'ring', got {impl!r}")
+    check_choice("impl", impl, ("gloo", "ring"))
+    check_int("repeats", repeats, low=1)
+    if isinstance(sizes_bytes, (str, bytes)) or not hasattr(sizes_bytes, "__iter__"):
+        raise bad("sizes_bytes", sizes_bytes, "a list of message sizes in bytes")
+    for i, n_bytes in enumerate(sizes_bytes):
+        check_int(f"sizes_bytes[{i}]", n_bytes, low=1)
     results = []
     for n_bytes in sizes_bytes:
         t = torch.ones(max(1, n_bytes // 4))

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from ..validate import bad, check_int, check_real
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,25 +44,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            check_int(name, getattr(self, name), low=1)
         for name in ("rope_theta", "norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
+            check_real(name, getattr(self, name), low=0, low_open=True)
         if self.dim % self.n_heads:
-            raise ValueError(
-                f"dim={self.dim} is not divisible by n_heads={self.n_heads}: "
-                f"choose n_heads among {_divisors(self.dim)}")
+            raise bad("n_heads", self.n_heads, f"a divisor of dim={self.dim}, one of {_divisors(self.dim)}",
+                      f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
-                f"choose n_kv_heads among {_divisors(self.n_heads)}")
+            raise bad("n_kv_heads", self.n_kv_heads,
+                      f"a divisor of n_heads={self.n_heads}, one of {_divisors(self.n_heads)}",
+                      f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(
-                f"head_dim = dim // n_heads = {self.head_dim} must be even, "
-                "because rotary embeddings rotate pairs of features")
+            raise bad("n_heads", self.n_heads, f"a divisor of dim={self.dim} that leaves an even head_dim",
+                      f"head_dim = dim // n_heads = {self.head_dim}, and rotary embeddings "
+                      "rotate pairs of features")
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +73,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Build a config from a dict, naming any key that is not a field."""
+        if not isinstance(d, dict):
+            raise bad("d", d, "a dict of config fields")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from ..validate import bad, check_int, check_real, check_token_ids
 from .kv_cache import KVCache
-from .llama import make_positions
+from .llama import check_padding_mask, make_positions
 
 
 def sample_next_token(logits: torch.Tensor, *, greedy: bool = True, temperature: float = 1.0,
@@ -33,6 +34,9 @@ def sample_next_token(logits: torch.Tensor, *, greedy: bool = True, temperature:
     """
     if greedy:
         return logits.argmax(dim=-1)
+    check_real("temperature", temperature, low=0, low_open=True, why="use greedy=True for arg-max")
+    if top_k is not None:
+        check_int("top_k", top_k, low=1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -55,23 +59,29 @@ def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
-def _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k) -> None:
+def _check_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, seed,
+                eos_id) -> None:
+    """Refuse, before any forward pass, every argument :func:`generate` cannot use."""
+    # A parallel wrapper may not say its vocabulary; its own forward then checks the ids.
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+        raise bad("input_ids", input_ids, "a (batch, seq) tensor of token ids")
     if input_ids.shape[1] == 0:
-        raise ValueError("input_ids has no tokens: the prompt needs at least one (e.g. BOS)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (use greedy=True for arg-max)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+        raise bad("input_ids", input_ids, "at least one token per row", "the prompt needs one (e.g. BOS)")
+    if vocab is not None:
+        check_token_ids("input_ids", input_ids, vocab, allow_empty=True)
+    check_int("max_new_tokens", max_new_tokens, low=0)
+    check_real("temperature", temperature, low=0, low_open=True, why="use greedy=True for arg-max")
+    if top_k is not None:
+        check_int("top_k", top_k, low=1)
+    if seed is not None:
+        check_int("seed", seed, low=0, high=2 ** 64 - 1)
+    if eos_id is not None:
+        check_int("eos_id", eos_id, low=0, high=None if vocab is None else vocab - 1)
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
-                             f"input_ids shape {tuple(input_ids.shape)}")
+        check_padding_mask(attention_mask, input_ids.shape)
         if not bool((attention_mask.sum(dim=1) > 0).all()):
-            raise ValueError("attention_mask has a row with no real tokens (all zeros)")
+            raise bad("attention_mask", attention_mask, "at least one 1 (a real token) in every row")
 
 
 def check_context_length(max_seq_len: int | None, attention_mask: torch.Tensor,
@@ -118,7 +128,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         new tokens. New tokens go after any right padding; the mask keeps the pads
         invisible and positions ignore them.
     """
-    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k)
+    _check_args(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, seed, eos_id)
     batch = input_ids.shape[0]
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.long())
     check_context_length(getattr(getattr(model, "config", None), "max_seq_len", None), mask,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validate import bad, check_int
+
 
 class LayerKVCache:
     """Keys and values of one attention layer, shape (batch, n_kv_heads, seq, head_dim)."""
@@ -27,15 +29,17 @@ class LayerKVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys and values; return everything stored so far."""
-        if k.shape != v.shape or k.dim() != 4:
-            raise ValueError(f"k and v must both be (batch, kv_heads, seq, head_dim); got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise bad(name, t, "a (batch, kv_heads, seq, head_dim) tensor")
+        if k.shape != v.shape:
+            raise bad("v", f"a tensor of shape {tuple(v.shape)}", f"the shape of k, {tuple(k.shape)}")
         if self.k is None:
             self.k, self.v = k, v
         else:
             if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
-                raise ValueError(f"new keys {tuple(k.shape)} do not match cached keys "
-                                 f"{tuple(self.k.shape)} in batch, kv_heads or head_dim")
+                raise bad("k", f"a tensor of shape {tuple(k.shape)}",
+                          f"the batch, kv_heads and head_dim of the cached keys {tuple(self.k.shape)}")
             # torch.cat copies the whole cache each step; production engines
             # preallocate (or page) the buffer instead. Clarity wins here.
             self.k = torch.cat([self.k, k], dim=2)
@@ -59,13 +63,13 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int | None = None) -> None:
-        if n_layers is not None and (not isinstance(n_layers, int) or n_layers < 1):
-            raise ValueError(f"n_layers={n_layers!r} must be a positive integer or None")
+        if n_layers is not None:
+            check_int("n_layers", n_layers, low=1, why="or None for a cache that grows")
         self.fixed = n_layers is not None
         self.layers = [LayerKVCache() for _ in range(n_layers or 0)]
 
     def __getitem__(self, i: int) -> LayerKVCache:
-        if not isinstance(i, int) or i < 0:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
             raise IndexError(f"layer index {i!r} must be a non-negative integer")
         if i >= len(self.layers):
             if self.fixed:
@@ -99,5 +103,7 @@ def kv_cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
     2 (one key and one value) x layers x KV heads x head_dim x bytes per element.
     With GQA the cache scales with ``n_kv_heads``, not ``n_heads``.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise bad("dtype", dtype, "a torch.dtype, e.g. torch.bfloat16")
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * element

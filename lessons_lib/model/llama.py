@@ -25,8 +25,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validate import bad
 from .config import ModelConfig
 from .kv_cache import KVCache, LayerKVCache
+
+
+def _int_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Refuse a tensor that is not integer (bool and float included) or holds a value outside [low, high).
+
+    One min/max over the tensor: cheap enough for every forward, unlike a check per token.
+    """
+    expected = f"{what} in [{low}, {high})"
+    if not isinstance(t, torch.Tensor):
+        raise bad(name, t, f"a tensor of {expected}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise bad(name, t, expected, f"got a {t.dtype} tensor")
+    if t.numel():
+        lo, hi = (int(x) for x in torch.aminmax(t))
+        if lo < low or hi >= high:
+            raise bad(name, f"a tensor with values from {lo} to {hi}", expected)
+
+
+def check_padding_mask(attention_mask, shape: tuple, name: str = "attention_mask") -> torch.Tensor:
+    """``attention_mask`` if it is a (batch, total) tensor of 0s and 1s (or bools) of ``shape``."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise bad(name, attention_mask, "a tensor of 0s and 1s (1: a real token, 0: padding)")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise bad(name, f"a tensor of shape {tuple(attention_mask.shape)}", f"shape {tuple(shape)}",
+                  "rows of the batch x cached + new tokens")
+    if attention_mask.dtype != torch.bool:
+        _int_range(name, attention_mask, 0, 2, "0s and 1s (1: a real token, 0: padding)")
+    return attention_mask
 
 
 def make_positions(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -245,23 +274,32 @@ class TinyLM(nn.Module):
         """Check the inputs and return ``(positions, attn_mask)`` for every layer.
 
         Public so a pipeline stage that runs only some layers builds the very same
-        positions and mask as the whole model does.
+        positions and mask as the whole model does. A batch of no rows is allowed (a
+        data-parallel rank may get none); a row of no tokens is not.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+        vocab, max_len = self.config.vocab_size, self.config.max_seq_len
+        _int_range("input_ids", input_ids, 0, vocab, "token ids")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise bad("input_ids", input_ids, "a torch.long (or torch.int32) tensor, as nn.Embedding needs",
+                      f"got {input_ids.dtype}: convert with .long()")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise bad("input_ids", f"a tensor of shape {tuple(input_ids.shape)}",
+                      "shape (batch, seq) with seq >= 1", "the model needs at least one token per row")
         batch, seq = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=input_ids.device)
-        if tuple(attention_mask.shape) != (batch, past + seq):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                f"(batch, cached + new) = ({batch}, {past} + {seq})")
+        else:
+            check_padding_mask(attention_mask, (batch, past + seq))
         if positions is None:
             positions = make_positions(attention_mask, seq)
-        if positions.numel() and int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond "
-                             f"max_seq_len={self.config.max_seq_len}")
+        else:
+            if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (batch, seq):
+                raise bad("positions", positions, f"a tensor of shape ({batch}, {seq}), like input_ids")
+            _int_range("positions", positions, 0, max_len, f"positions (max_seq_len={max_len})")
+        if seq + past > max_len and positions.numel() and int(positions.max()) >= max_len:
+            raise bad("input_ids", f"{past} cached + {seq} new tokens", f"at most max_seq_len={max_len} "
+                      "tokens per row", f"position {int(positions.max())} is beyond max_seq_len={max_len}")
         return positions, make_attention_mask(attention_mask, seq)
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenizer import ByteTokenizer
+from ..validate import bad, check_int, check_real, check_token_ids
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
 VALID_FRACTION = 0.05
@@ -22,6 +23,10 @@ VALID_FRACTION = 0.05
 def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random training windows of ``ids``, each after a BOS (as at evaluation): inputs and targets."""
+    check_int("batch_size", batch_size, low=1)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise bad("ids", ids, "a 1-D tensor of token ids")
+    check_int("seq_len", seq_len, low=1, high=ids.numel() - 1, why=f"a window inside the {ids.numel()} ids")
     starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
     windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
     bos = torch.full((batch_size, 1), ByteTokenizer.bos_id, dtype=torch.long)
@@ -36,8 +41,7 @@ def corpus_splits(path: str | Path | None = None, valid_fraction: float = VALID_
     The validation split is the last ``valid_fraction`` of the bytes, cut at a
     paragraph break so no paragraph is in both.
     """
-    if not 0 < valid_fraction < 1:
-        raise ValueError(f"valid_fraction={valid_fraction} must be between 0 and 1")
+    check_real("valid_fraction", valid_fraction, low=0, high=1, low_open=True, high_open=True)
     data = Path(CORPUS_PATH if path is None else path).read_bytes()
     cut = int(len(data) * (1 - valid_fraction))
     brk = data.find(b"\n\n", cut)
@@ -53,10 +57,14 @@ def mean_nll(model, ids: torch.Tensor, *, window: int = 256, batch_size: int = 1
     The text is cut into windows of ``window`` tokens, each starting with BOS;
     every byte is predicted once, from the bytes before it in its window.
     """
-    if ids.dim() != 1 or ids.numel() < 2:
-        raise ValueError(f"ids must be 1-D with at least 2 tokens; got shape {tuple(ids.shape)}")
-    if window < 2:
-        raise ValueError(f"window={window} must be at least 2")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 2:
+        raise bad("ids", ids, "a 1-D tensor of at least 2 token ids")
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_token_ids("ids", ids, config.vocab_size)
+    max_len = getattr(config, "max_seq_len", None)
+    check_int("window", window, low=2, high=max_len, why="each window is one forward pass, BOS included")
+    check_int("batch_size", batch_size, low=1)
     bos = ByteTokenizer.bos_id
     chunks = [ids[i:i + window - 1] for i in range(0, ids.numel(), window - 1)]
     total, count = 0.0, 0

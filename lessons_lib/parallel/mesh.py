@@ -23,21 +23,41 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..validate import bad, check_choice, check_int
+
 AXES = ("dp", "pp", "tp")
 
 
 def mesh_grid(tp: int = 1, pp: int = 1, dp: int = 1) -> torch.Tensor:
     """The rank grid, shape ``(dp, pp, tp)``; a pure function, usable without a process group."""
     for name, size in (("tp", tp), ("pp", pp), ("dp", dp)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+        check_int(name, size, low=1)
     return torch.arange(dp * pp * tp).view(dp, pp, tp)
+
+
+def mesh_sizes(world_size: int, tp: int = 1, pp: int = 1, dp: int | None = None) -> tuple[int, int, int]:
+    """``(tp, pp, dp)`` for ``world_size`` ranks, ``dp=None`` meaning ``world_size // (tp * pp)``.
+
+    Refuses sizes that are not ints >= 1 or whose product is not the world size, naming them.
+    """
+    check_int("world_size", world_size, low=1)
+    check_int("tp", tp, low=1)
+    check_int("pp", pp, low=1)
+    if dp is None:
+        if world_size % (tp * pp):
+            raise bad("tp x pp", tp * pp, f"a divisor of the world size {world_size}",
+                      f"tp x pp = {tp} x {pp}: choose tp and pp whose product divides {world_size}")
+        return tp, pp, world_size // (tp * pp)
+    check_int("dp", dp, low=1)
+    if tp * pp * dp != world_size:
+        raise bad("tp x pp x dp", tp * pp * dp, f"the world size {world_size}",
+                  f"tp x pp x dp = {tp} x {pp} x {dp}: choose sizes whose product is {world_size}")
+    return tp, pp, dp
 
 
 def groups_along(grid: torch.Tensor, axis: str) -> list[list[int]]:
     """Every group of ranks that differ only in their coordinate on ``axis``."""
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    check_choice("axis", axis, AXES)
     moved = grid.movedim(AXES.index(axis), -1)
     return moved.reshape(-1, moved.shape[-1]).tolist()
 
@@ -60,19 +80,8 @@ class Mesh:
     def __post_init__(self):
         if not dist.is_initialized():
             raise RuntimeError("Mesh needs an initialised process group: create it inside run_distributed")
-        world = dist.get_world_size()
-        if self.dp is None:
-            for name, size in (("tp", self.tp), ("pp", self.pp)):
-                if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                    raise ValueError(f"{name} must be an int >= 1, got {size!r}")
-            if world % (self.tp * self.pp):
-                raise ValueError(f"world size {world} is not a multiple of tp x pp = "
-                                 f"{self.tp} x {self.pp}: choose tp and pp whose product divides {world}")
-            self.dp = world // (self.tp * self.pp)
+        self.tp, self.pp, self.dp = mesh_sizes(dist.get_world_size(), self.tp, self.pp, self.dp)
         self.grid = mesh_grid(self.tp, self.pp, self.dp)
-        if self.grid.numel() != world:
-            raise ValueError(f"world size {world} != tp x pp x dp = {self.tp} x {self.pp} x {self.dp}"
-                             f" = {self.grid.numel()}: choose sizes whose product is {world}")
         self.rank = dist.get_rank()
         self.dp_rank, self.pp_rank, self.tp_rank = (int(c) for c in (self.grid == self.rank).nonzero()[0])
         self._groups, self._members = {}, {}

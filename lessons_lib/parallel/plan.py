@@ -26,6 +26,7 @@ from fnmatch import fnmatchcase
 
 import torch.nn as nn
 
+from ..validate import bad, check_int
 from .tensor import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                      VocabParallelEmbedding, group_size, shard_indices)
 
@@ -112,8 +113,10 @@ def torch_tp_plan(model: nn.Module) -> dict:
 
 def validate_tp(config, tp: int) -> None:
     """Raise ``ValueError`` naming the parameter if ``tp`` cannot shard a tiny LM of ``config``."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+    check_int("tp", tp, low=1)
+    config = getattr(config, "config", config)       # a TinyLM works too
+    if not all(hasattr(config, f) for f in ("n_heads", "dim", "n_kv_heads", "ffn_dim", "vocab_size")):
+        raise bad("config", config, "a ModelConfig (or a TinyLM)")
     checks = [("n_heads", config.n_heads, False), ("dim", config.dim, False),
               ("n_kv_heads", config.n_kv_heads, True), ("ffn_dim", config.ffn_dim, False),
               ("vocab_size", config.vocab_size, False)]
@@ -169,7 +172,7 @@ def _check_divides(module: nn.Module, style, tp: int, qualified: str) -> None:
     try:
         shard_indices(size, tp, 0, unit=unit, name=name or "features", replicate=rep)
     except ValueError as e:
-        raise ValueError(f"{qualified}: {e}") from None
+        raise type(e)(f"{qualified}: {e}") from None
 
 
 def parallelize(model: nn.Module, plan: dict, group=None, *, strict: bool = True) -> nn.Module:
@@ -184,7 +187,7 @@ def parallelize(model: nn.Module, plan: dict, group=None, *, strict: bool = True
     Returns ``model``.
     """
     if not isinstance(plan, dict) or not plan:
-        raise ValueError("plan must be a non-empty dict {submodule name: style}")
+        raise bad("plan", plan, "a non-empty dict {submodule name: style}")
     tp = group_size(group)
     modules = dict(model.named_modules())
     swaps = []

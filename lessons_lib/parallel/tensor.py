@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validate import bad, check_int
+
 
 # -- TP communication (Megatron keeps these in ``mappings.py``, picotron in ``tp_communications.py``)
 def group_size(group=None) -> int:
@@ -86,8 +88,12 @@ def shard_indices(size: int, tp: int, rank: int, *, unit: int = 1, name: str = "
     *replicated* on ``tp // blocks`` consecutive ranks: rank ``r`` holds block
     ``r // (tp // blocks)``, the KV head its own query heads use. Megatron-LM and vLLM do the same.
     """
+    check_int(name, size, low=1)
+    check_int("unit", unit, low=1)
+    check_int("tp", tp, low=1)
+    check_int("rank", rank, low=0, high=tp - 1, why=f"a rank of the tp={tp} group")
     if size % unit:
-        raise ValueError(f"{name}: {size} features do not split into blocks of {unit}")
+        raise bad(name, size, f"a multiple of unit={unit}", f"{size} features do not split into blocks of {unit}")
     blocks = size // unit
     if blocks % tp == 0:
         per = blocks // tp
@@ -96,8 +102,8 @@ def shard_indices(size: int, tp: int, rank: int, *, unit: int = 1, name: str = "
         per, first = 1, rank // (tp // blocks)
     else:
         extra = f", or a multiple of {name}={blocks} (KV heads are then replicated)" if replicate else ""
-        raise ValueError(f"tp={tp} does not divide {name}={blocks}: choose tp among "
-                         f"{_divisors(blocks)}{extra}")
+        raise bad("tp", tp, f"a divisor of {name}={blocks}",
+                  f"tp={tp} does not divide {name}={blocks}: choose tp among {_divisors(blocks)}{extra}")
     return torch.arange(first * unit, (first + per) * unit)
 
 

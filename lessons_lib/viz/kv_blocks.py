@@ -9,6 +9,7 @@ snapshot; :func:`kv_blocks_widget` puts a time slider over them.
 from __future__ import annotations
 
 from ..caching.paged_kv import BlockAllocator, OutOfBlocksError
+from ..validate import bad, check_choice, check_int
 from . import redraw as redraw_output
 
 EVENT_KINDS = ("arrive", "grow", "finish")
@@ -30,13 +31,18 @@ def block_timeline(events: list[tuple], num_blocks: int = 16, block_size: int = 
     ``free`` (free block count) and ``label`` (what happened).
     """
     allocator = BlockAllocator(num_blocks, block_size)
+    if isinstance(events, (str, bytes)) or not hasattr(events, "__iter__"):
+        raise bad("events", events, "a list of events such as ('arrive', 'A', 20)")
     tables: dict[str, list[int]] = {}
     lengths: dict[str, int] = {}
     snapshots = []
     for i, event in enumerate(events):
-        kind, req = event[0], event[1]
-        if kind not in EVENT_KINDS:
-            raise ValueError(f"event {i}: kind {kind!r}; choose one of {EVENT_KINDS}")
+        shape = "('arrive' | 'grow', request, n_tokens) or ('finish', request)"
+        if not isinstance(event, (tuple, list)) or len(event) < 2:
+            raise bad(f"events[{i}]", event, shape)
+        kind, req = check_choice(f"events[{i}] kind", event[0], EVENT_KINDS), event[1]
+        if len(event) != (2 if kind == "finish" else 3):
+            raise bad(f"events[{i}]", event, shape)
         if kind == "arrive" and req in tables:
             raise ValueError(f"event {i}: request {req!r} arrived twice")
         if kind != "arrive" and req not in tables:
@@ -46,7 +52,7 @@ def block_timeline(events: list[tuple], num_blocks: int = 16, block_size: int = 
                 allocator.free(block)
             del lengths[req]
         else:
-            n = event[2]
+            n = check_int(f"events[{i}] n_tokens", event[2], low=1)
             table = tables.setdefault(req, [])
             lengths[req] = lengths.get(req, 0) + n
             try:

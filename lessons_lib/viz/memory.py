@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from ..memory import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memory_per_device
+from ..validate import check_choice, check_real
 from . import redraw as redraw_output
 
 PARTS = ("weights", "kv_cache", "activations")
@@ -14,8 +15,8 @@ COLOURS = {"weights": "#4C72B0", "kv_cache": "#DD8452", "activations": "#55A868"
 def memory_report(model: str, dtype: str, batch: int, context: int, devices: int, strategy: str,
                   device_gib: float) -> dict:
     """Everything the calculator shows, as plain data: GiB per part, total, and whether it fits."""
-    if model not in REFERENCE_SHAPES:
-        raise ValueError(f"model must be one of {sorted(REFERENCE_SHAPES)}, got {model!r}")
+    check_choice("model", model, sorted(REFERENCE_SHAPES))
+    check_real("device_gib", device_gib, low=0, low_open=True)
     if strategy == "single":
         devices = 1
     per_device = memory_per_device(REFERENCE_SHAPES[model], dtype=dtype, batch=batch, context=context,

@@ -11,6 +11,7 @@ is the run.
 from __future__ import annotations
 
 from ..parallel.pipeline.schedule import bubble_formula, make_schedule
+from ..validate import check_choice, check_int
 
 # Dropdown label -> (schedule name, with backward?)
 MODES = {
@@ -27,8 +28,9 @@ def gantt_data(n_stages: int, n_microbatches: int, mode: str = "GPipe, inference
     Returns ``{"bars": [(stage, start, duration, label, kind), ...], "makespan", "bubble",
     "formula", "peak_in_flight", "n_stages", "n_microbatches", "mode"}``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    check_choice("mode", mode, MODES)
+    check_int("n_stages", n_stages, low=1)
+    check_int("n_microbatches", n_microbatches, low=1)
     name, backward = MODES[mode]
     schedule = make_schedule(name, n_stages, n_microbatches, backward=backward)
     slots = schedule.timeline()

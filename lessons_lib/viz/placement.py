@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..cluster.placement import (BAD_ORDER, GOOD_ORDER, cross_node_bytes_per_token, place_ranks,
                                  placement_grid)
+from ..validate import check_int
 from . import redraw as redraw_output
 
 
@@ -39,6 +40,9 @@ def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 81
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
+    for name, value in (("nodes", nodes), ("devices_per_node", devices_per_node), ("hidden", hidden),
+                        ("n_layers", n_layers)):
+        check_int(name, value, low=1)
     world = nodes * devices_per_node
     plans = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
              if world % (tp * pp) == 0 and n_layers % pp == 0]

@@ -7,9 +7,14 @@ in a policy dropdown and a time-window slider.
 
 from __future__ import annotations
 
+from ..validate import check_int, check_real
+
 
 def queue_series(result, n_points: int = 200, t_end: float | None = None) -> tuple[list[float], dict]:
     """(times, {worker: queue length at each time}) from ``result.timeline`` (a step function)."""
+    check_int("n_points", n_points, low=2)
+    if t_end is not None:
+        check_real("t_end", t_end, low=0)
     if not result.timeline:
         raise ValueError("the result has an empty timeline: simulate a non-empty trace")
     t_end = t_end if t_end is not None else max(t for t, _, _ in result.timeline)

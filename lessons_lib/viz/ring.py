@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..comm.schedule import ring_schedule, simulate_ring
+from ..validate import check_int
 from . import redraw as redraw_output
 
 
@@ -21,9 +22,9 @@ def ring_frame(p: int, step: int, kind: str = "all_reduce") -> dict:
     are the ``(src, dst, chunk, op)`` about to happen at this step (empty after the
     last), ``fill[r][c]`` is how many ranks' data rank ``r``'s chunk ``c`` contains.
     """
+    check_int("p", p, low=1)
     steps = ring_schedule(p, kind)
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(steps):
-        raise ValueError(f"step must be in 0..{len(steps)} for p={p}, got {step!r}")
+    check_int("step", step, low=0, high=len(steps), why=f"{len(steps)} steps for p={p}")
     state = simulate_ring(p, kind)[step]
     upcoming = steps[step] if step < len(steps) else []
     return {"p": p, "step": step, "n_steps": len(steps),

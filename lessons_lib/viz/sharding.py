@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..parallel.data import split_sizes
 from ..parallel.tensor import shard_indices
+from ..validate import check_choice, check_int
 
 STRATEGIES = ("dp", "tp", "tp-column", "tp-row", "pp")
 
@@ -64,12 +65,9 @@ def sharding_layout(strategy: str, world_size: int, config=None, batch: int = 8)
     "layers": [[layer indices] per rank]}``. Raises ``ValueError`` (naming the parameter and
     the valid choices) when ``world_size`` cannot shard the model that way.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    check_choice("strategy", strategy, STRATEGIES)
+    check_int("world_size", world_size, low=1)
+    check_int("batch", batch, low=1)
     if config is None:
         from ..model import ModelConfig
         config = ModelConfig()
