@@ -41,7 +41,8 @@ _MAX_SEQ = 2 ** (8 * _SEQ_BYTES) - 1
 
 
 class SecurityError(ValueError):
-    """A sealed message was rejected; ``reason`` is tampered, replayed, too-old or malformed."""
+    """A sealed message was rejected (``reason``: tampered, replayed, too-old or malformed), or a
+    sealer has used up its sequence numbers (``exhausted``)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
@@ -93,15 +94,16 @@ class TensorSealer:
 
 
 class ReplayWindow:
-    """Sliding-window replay protection (as in IPsec and DTLS), one window per sender.
+    """Sliding-window replay protection (as in IPsec and DTLS), one window per sender (the opener
+    passes a sender's name with its stream id, so each life of a sender has its own window).
 
     Accepts each sequence number at most once; numbers more than ``size`` below the highest seen
     are refused as too old, since the window no longer remembers them. Reordering within the window
     is fine.
     """
 
-    def __init__(self, size: int = 64, name: str = "size") -> None:
-        self.size = check_int(name, size, low=1, why="how many recent sequence numbers to remember")
+    def __init__(self, size: int = 64) -> None:
+        self.size = check_int("size", size, low=1, why="how many recent sequence numbers to remember")
         self.highest: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
 
@@ -128,7 +130,8 @@ class TensorOpener:
     """
 
     def __init__(self, key: bytes, window: int = 64) -> None:
-        self.aead, self.window = _aead(key), ReplayWindow(window, name="window")
+        check_int("window", window, low=1, why="how many recent sequence numbers to remember")
+        self.aead, self.window = _aead(key), ReplayWindow(window)
 
     def open(self, message: bytes) -> tuple[str, int, torch.Tensor]:
         """Return (sender, seq, tensor) or raise ``SecurityError``."""
