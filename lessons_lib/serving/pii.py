@@ -6,7 +6,9 @@ the logging pipeline (a ``logging.Filter``), and never rely on one of the two al
 
 Patterns covered: e-mail addresses, phone numbers, payment card numbers (13-19 digits that pass
 the **Luhn** check, so a mistyped or random digit run is not labelled a card), IPv4 and simple IPv6 addresses. Regexes are
-a first line only: names and addresses need an NER model, and nothing catches everything.
+a first line only: names and addresses need an NER model, and nothing catches everything. A known
+gap: a phone number written right after or before another number ("020 7946 0958 1234 5678")
+reads as one number of more than 15 digits and is kept, as a mistyped card is.
 """
 
 from __future__ import annotations
