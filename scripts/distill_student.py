@@ -5,7 +5,8 @@
 
 Deterministic (fixed seeds, one thread). Writes ``student_lm.safetensors`` and
 ``student_lm.json`` (config, distillation record, held-out perplexity of the
-student and of the teacher).
+student and of the teacher, and the ``sha256`` and ``fingerprint`` that
+``save_checkpoint`` adds and ``load_checkpoint`` verifies).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_sparsity_outside_zero_one_is_a_clear_error(model, sparsity):
 def test_bad_scope_and_head_counts_are_clear_errors(model):
     with pytest.raises(ValueError, match="scope='row'.*'global', 'layer'"):
         prune_unstructured(model, 0.5, scope="row")
-    with pytest.raises(ValueError, match="heads_per_group=3: choose 1 to 2"):
+    with pytest.raises(ValueError, match=r"heads_per_group=3 is not valid: expected an int in \[1, 2\]"):
         prune_attention_heads(model, 3)
 
 
@@ -124,12 +124,12 @@ def test_quantised_linears_compute_x_times_their_dequantised_weight(group_size):
 
 
 def test_bad_group_size_names_the_valid_divisors():
-    with pytest.raises(ValueError, match=r"group_size=48 does not divide in_features=128: "
-                                         r"choose one of \[1, 2, 4, 8, 16, 32, 64, 128\]"):
+    with pytest.raises(ValueError, match=r"group_size=48 is not valid: expected a divisor of "
+                                         r"in_features=128, one of \[1, 2, 4, 8, 16, 32, 64, 128\]"):
         quantize_int4(torch.randn(8, 128), 48)
     with pytest.raises(ValueError, match="group_size=0"):
         quantize_int4(torch.randn(8, 128), 0)
-    with pytest.raises(ValueError, match="scheme='int2'; choose one of"):
+    with pytest.raises(ValueError, match="scheme='int2' is not valid: expected one of 'int8', 'int4'"):
         quantize_model(TinyLM(ModelConfig(n_layers=1)), "int2")
 
 
@@ -169,7 +169,7 @@ def test_int8_perplexity_is_within_two_percent_on_held_out_text():
 def test_decode_rates_times_every_model_and_refuses_bad_counts(model):
     rates = decode_rates({"fp32": model, "int8": quantize_model(model, "int8")}, new_tokens=3, rounds=1)
     assert set(rates) == {"fp32", "int8"} and all(rate > 0 for rate in rates.values())
-    with pytest.raises(ValueError, match=r"rounds=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"rounds=0 is not valid: expected an int >= 1"):
         decode_rates({"fp32": model}, rounds=0)
-    with pytest.raises(ValueError, match=r"new_tokens=1 must be an integer >= 2"):
+    with pytest.raises(ValueError, match=r"new_tokens=1 is not valid: expected an int >= 2"):
         decode_rates({"fp32": model}, new_tokens=1)

@@ -22,9 +22,14 @@ Bytes read by one rank are therefore ``(total - replicated) / tp + replicated``.
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import safe_open
+
+from ..model.checkpoint import CheckpointError, CheckpointNotFoundError
+from ..validate import check_int
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -44,11 +49,37 @@ def split_dim(name: str) -> int | None:
                      f"({COLUMN_PARALLEL + ROW_PARALLEL + VOCAB_PARALLEL} or a norm)")
 
 
-def _check_tp(tp: int, tp_rank: int, shapes: dict, config: dict | None) -> None:
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be an int >= 1, got {tp!r}")
-    if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < tp:
-        raise ValueError(f"tp_rank must be in 0..{tp - 1}, got {tp_rank!r}")
+@contextmanager
+def open_checkpoint(path):
+    """``safe_open(path)``, with a missing or unreadable file reported by name, not as a raw
+    ``SafetensorError``; errors raised inside the block pass through unchanged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:   # safetensors' own error type, or OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file, it may be truncated or "
+                              f"corrupt ({type(e).__name__}: {e})") from None
+    with f:
+        yield f
+
+
+def _check_ranks(tp: int, tp_rank: int | None = None) -> None:
+    check_int("tp", tp, low=1, why="the tensor-parallel size")
+    if tp_rank is not None:
+        check_int("tp_rank", tp_rank, low=0, high=tp - 1, why=f"a rank of the tp={tp} group")
+
+
+def _config(path, meta: dict) -> dict | None:
+    try:
+        config = json.loads(meta["config"]) if "config" in meta else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the config in the file's metadata is not valid JSON ({e})") from None
+    return config if isinstance(config, dict) else None
+
+
+def _check_tp(tp: int, shapes: dict, config: dict | None) -> None:
     if config:   # split by whole attention heads, never through the middle of one
         for key in ("n_heads", "n_kv_heads"):
             if config.get(key, tp) % tp:
@@ -73,17 +104,12 @@ def load_tp_shard(path, tp: int, tp_rank: int) -> tuple[dict, int]:
     (replicated tensors whole), ``bytes_read`` is the sum of the ``nbytes`` of the
     slices read.
     """
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    _check_ranks(tp, tp_rank)
     state, read = {}, 0
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        config = json.loads(meta["config"]) if "config" in meta else None
+    with open_checkpoint(path) as f:
+        config = _config(path, f.metadata() or {})
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        _check_tp(tp, tp_rank, shapes, config)
+        _check_tp(tp, shapes, config)
         for name, shape in shapes.items():
             view = f.get_slice(name)   # header only: no tensor bytes read yet
             dim = split_dim(name)
@@ -100,9 +126,9 @@ def load_tp_shard(path, tp: int, tp_rank: int) -> tuple[dict, int]:
 
 def expected_bytes_per_rank(path, tp: int) -> dict:
     """From the header alone: total bytes, replicated bytes, and what one TP rank must read."""
-    path = Path(path)
+    _check_ranks(tp)
     total = replicated = 0
-    with safe_open(str(path), framework="pt") as f:
+    with open_checkpoint(path) as f:
         for name in f.keys():
             view = f.get_slice(name)
             n = 1

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..model import ModelConfig, TinyLM, load_checkpoint, random_windows
 from ..model.checkpoint import TINY_LM_PATH
+from ..validate import bad, check_int, check_probability, check_real
 
 STUDENT_PATH = TINY_LM_PATH.with_name("student_lm.safetensors")
 # Half the width and half the depth of the teacher: about a quarter of its weights.
@@ -36,11 +37,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Logits are (..., vocab); ``targets`` are token ids shaped like the logits
     without the last dimension (-100 entries are ignored by the cross-entropy).
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (1 means unsoftened)")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha!r} must be in [0, 1]: 0 is plain cross-entropy, "
-                         "1 is pure imitation of the teacher")
+    _check_loss_args(student_logits, teacher_logits, targets, temperature, alpha)
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab).float()
     t = teacher_logits.reshape(-1, vocab).float()
@@ -50,10 +47,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard
 
 
+def _check_mix(temperature, alpha) -> None:
+    check_real("temperature", temperature, low=0.0, low_open=True, why="1 means unsoftened")
+    check_probability("alpha", alpha, why="0 is plain cross-entropy, 1 is pure imitation of the teacher")
+
+
+def _check_loss_args(student_logits, teacher_logits, targets, temperature, alpha) -> None:
+    _check_mix(temperature, alpha)
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise bad(name, t, "a torch.Tensor")
+    if teacher_logits.shape != student_logits.shape:
+        raise bad("teacher_logits", f"tensor of shape {tuple(teacher_logits.shape)}",
+                  f"the student_logits' shape {tuple(student_logits.shape)}", "both models share a vocabulary")
+    if targets.shape != student_logits.shape[:-1]:
+        raise bad("targets", f"tensor of shape {tuple(targets.shape)}",
+                  f"the logits' shape without the vocabulary: {tuple(student_logits.shape[:-1])}")
+
+
+def _check_distill_args(train_ids, steps, batch_size, seq_len, lr, seed) -> None:
+    check_int("steps", steps, low=1)
+    check_int("batch_size", batch_size, low=1)
+    check_int("seq_len", seq_len, low=1)
+    check_real("lr", lr, low=0.0, low_open=True)
+    check_int("seed", seed)
+    if not isinstance(train_ids, torch.Tensor) or train_ids.dim() != 1 or train_ids.is_floating_point():
+        raise bad("train_ids", train_ids, "a 1-D tensor of token ids")
+    if train_ids.numel() <= seq_len:
+        raise bad("train_ids", f"{train_ids.numel()} ids", f"more than seq_len={seq_len} ids",
+                  "each training window is seq_len ids long")
+
+
 def distill(teacher: nn.Module, student: nn.Module, train_ids: torch.Tensor, *, steps: int = 300,
             batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3, temperature: float = 2.0,
             alpha: float = 0.5, seed: int = 0, progress: bool = True) -> list[float]:
     """Train ``student`` in place to imitate ``teacher``; return the loss of each step."""
+    _check_distill_args(train_ids, steps, batch_size, seq_len, lr, seed)
+    _check_mix(temperature, alpha)
     generator = torch.Generator().manual_seed(seed)
     teacher.eval()
     student.train()
@@ -82,6 +112,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_ids: torch.Tensor, *, 
 
 def new_student(seed: int = 0) -> TinyLM:
     """A freshly initialised student with :data:`STUDENT_CONFIG`."""
+    check_int("seed", seed)
     torch.manual_seed(seed)
     return TinyLM(STUDENT_CONFIG)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..model import corpus_splits, generate
 from ..tokenizer import ByteTokenizer
+from ..validate import bad, check_int, check_str
 
 
 def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
@@ -22,9 +23,7 @@ def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
     _, valid = corpus_splits()
     if n_bytes is None:
         return valid
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or not 2 <= n_bytes:
-        raise ValueError(f"n_bytes={n_bytes!r} must be an integer >= 2 (or None for all "
-                         f"{valid.numel()} held-out bytes)")
+    check_int("n_bytes", n_bytes, low=2, why=f"or None for all {valid.numel()} held-out bytes")
     return valid[:n_bytes]
 
 
@@ -37,11 +36,12 @@ def decode_rates(models: dict[str, nn.Module], prompt: str = "The KV cache", new
     ratios between them are fairer than timing one model after another; the best
     round is the one least disturbed by other programs.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds={rounds!r} must be an integer >= 1")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
-        raise ValueError(f"new_tokens={new_tokens!r} must be an integer >= 2 (the first comes "
-                         "from the prefill; the rate is of the ones after it)")
+    check_int("rounds", rounds, low=1)
+    check_int("new_tokens", new_tokens, low=2,
+              why="the first comes from the prefill; the rate is of the ones after it")
+    check_str("prompt", prompt)
+    if not isinstance(models, dict) or not models:
+        raise bad("models", models, "a dict of name -> model with at least one entry")
     ids = torch.tensor([ByteTokenizer().encode(prompt)])
     for model in models.values():
         generate(model, ids, 4)              # warm-up: first calls allocate and dispatch
@@ -67,6 +67,9 @@ class Measurement:
 
 def ratio_rows(rows: list[Measurement], baseline: str = "fp32") -> list[list]:
     """Table rows: bytes and ratios against the ``baseline`` row (smaller / faster / ppl change)."""
+    names = [r.name for r in rows]
+    if baseline not in names:
+        raise bad("baseline", baseline, "the name of one of the rows: " + ", ".join(map(repr, names)))
     base = next(r for r in rows if r.name == baseline)
     out = []
     for r in rows:

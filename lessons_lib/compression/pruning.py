@@ -19,17 +19,28 @@ projections inside decoder layers are pruned; the embedding and LM head are kept
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 import torch.nn as nn
 
+from ..validate import bad, check_choice, check_int, check_real
+
 SCOPES = ("global", "layer")
 
 
-def check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity={sparsity!r} must be a fraction in [0, 1), e.g. 0.5 for half "
-                         "the weights zeroed (1 would remove every weight)")
+def check_sparsity(sparsity: float) -> float:
+    """``sparsity`` if it is a fraction in [0, 1) (NaN and bool refused)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
+        raise bad("sparsity", sparsity, "a fraction in [0, 1), e.g. 0.5 for half the weights zeroed",
+                  "1 would remove every weight")
+    return float(sparsity)
+
+
+def _check_2d(weight, name: str = "weight") -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+        shown = f"tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else weight
+        raise bad(name, shown, "a non-empty 2-D (out_features, in_features) tensor")
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -40,6 +51,8 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask (same shape) that drops exactly round(sparsity * n) smallest-|w| entries."""
     check_sparsity(sparsity)
+    if not isinstance(weight, torch.Tensor):
+        raise bad("weight", weight, "a torch.Tensor")
     flat = weight.detach().abs().flatten()
     keep = torch.ones_like(flat, dtype=torch.bool)
     # argsort, not a threshold: ties at the threshold would drop more than asked.
@@ -60,8 +73,7 @@ def _zero_smallest(weights: list[torch.Tensor], sparsity: float) -> None:
 def prune_unstructured(model: nn.Module, sparsity: float, scope: str = "global") -> nn.Module:
     """A copy of ``model`` with a fraction ``sparsity`` of the prunable weights zeroed."""
     check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r}; choose one of {SCOPES}")
+    check_choice("scope", scope, SCOPES)
     model = copy.deepcopy(model)
     weights = [m.weight for m in prunable_linears(model).values()]
     if scope == "global":
@@ -74,9 +86,11 @@ def prune_unstructured(model: nn.Module, sparsity: float, scope: str = "global")
 
 def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
     """Boolean mask keeping the 2 largest magnitudes in every 4 consecutive inputs."""
+    _check_2d(weight)
     out_features, in_features = weight.shape
     if in_features % 4:
-        raise ValueError(f"2:4 sparsity needs in_features divisible by 4; got {in_features}")
+        raise bad("weight", f"tensor of shape {tuple(weight.shape)}", "in_features divisible by 4",
+                  "2:4 sparsity works on groups of 4 inputs")
     groups = weight.detach().abs().reshape(out_features, in_features // 4, 4)
     top2 = groups.topk(2, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top2, True)
@@ -113,9 +127,8 @@ def prune_mlp_channels(model: nn.Module, keep_fraction: float) -> nn.Module:
     A channel's score is ``|gate row| * |up row| * |down column|`` (L2 norms): an
     estimate of how much it can move the output. The lowest-scoring channels go.
     """
-    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) \
-            or not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction={keep_fraction!r} must be in (0, 1]")
+    check_real("keep_fraction", keep_fraction, low=0.0, high=1.0, low_open=True,
+               why="the fraction of MLP channels kept; 1 keeps them all")
     model = copy.deepcopy(model)
     for layer in model.layers:
         mlp = layer.mlp
@@ -139,10 +152,8 @@ def prune_attention_heads(model: nn.Module, heads_per_group: int) -> nn.Module:
     """
     config = model.config
     group = config.n_heads // config.n_kv_heads
-    if isinstance(heads_per_group, bool) or not isinstance(heads_per_group, int) \
-            or not 1 <= heads_per_group <= group:
-        raise ValueError(f"heads_per_group={heads_per_group!r}: choose 1 to {group} "
-                         f"(n_heads={config.n_heads} / n_kv_heads={config.n_kv_heads})")
+    check_int("heads_per_group", heads_per_group, low=1, high=group,
+              why=f"query heads kept per KV head; n_heads={config.n_heads} / n_kv_heads={config.n_kv_heads}")
     model = copy.deepcopy(model)
     d = config.head_dim
     for layer in model.layers:

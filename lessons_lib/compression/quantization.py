@@ -26,6 +26,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..validate import BadArgument, bad, check_choice, check_int
+
 INT8_QMAX = 127
 INT4_QMAX = 7
 # The int4 CPU kernel packs 16 output rows together and supports these groups.
@@ -33,18 +35,57 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 # Scales are stored in bfloat16 (as gpt-fast does); bfloat16 keeps 8 significant
 # bits, so a scale is rounded up by this factor first and never ends below max|w|/qmax.
 _ROUND_UP = 1 + 2 ** -7
+# The dtypes the int8 and int4 CPU kernels accept for activations and scales.
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _rows(rows: torch.Tensor) -> str:
+    """Row indices for an error message, the first ten of them."""
+    rows = rows.nonzero().flatten().tolist()
+    return str(rows[:10])[:-1] + (f", ... ({len(rows)} rows)]" if len(rows) > 10 else "]")
+
+
+def check_weight(weight) -> torch.Tensor:
+    """``weight`` as float32 if it is a non-empty 2-D float tensor of finite values, else a named error.
+
+    One NaN or inf in a row makes that row's scale ``max|w| / qmax`` NaN or inf, and with it
+    every code of the row: the quantised layer would be silently wrong, not slightly off.
+    """
+    expected = "a 2-D (out_features, in_features) floating-point tensor of finite values"
+    if not isinstance(weight, torch.Tensor):
+        raise bad("weight", weight, expected)
+    if not weight.is_floating_point():
+        raise bad("weight", f"{weight.dtype} tensor", expected)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise bad("weight", f"tensor of shape {tuple(weight.shape)}", expected,
+                  "it has no weights to quantise" if weight.dim() == 2 else "")
+    w = weight.detach().float()
+    non_finite = ~torch.isfinite(w).all(dim=1)
+    if non_finite.any():
+        raise bad("weight", f"tensor of shape {tuple(w.shape)}", expected,
+                  f"rows {_rows(non_finite)} hold NaN or inf, which would make their scale NaN or inf")
+    return w
+
+
 def _stored_scale(amax: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    check_choice("scale_dtype", dtype, FLOAT_DTYPES)
     # An all-zero row gets scale 1: its codes are all 0 and it dequantises to 0 exactly.
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if dtype != torch.float32:
         scale = scale * _ROUND_UP
-    return scale.to(dtype)
+    stored = scale.to(dtype)
+    # float16 holds 6e-8 to 65504: a scale outside that would become 0 or inf, and every
+    # code of its row garbage.
+    unheld = ~torch.isfinite(stored) | (stored == 0)
+    if unheld.any():
+        raise bad("scale_dtype", dtype, "a dtype that can hold every scale, e.g. torch.float32",
+                  f"rows {_rows(unheld.reshape(len(unheld), -1).any(dim=1))} need scales from "
+                  f"{scale[unheld].min().item():.3g} to {scale[unheld].max().item():.3g}")
+    return stored
 
 
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
@@ -54,9 +95,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat1
     Returns ``(q, scale)``: ``q`` int8 in [-127, 127], ``scale`` (out,) in
     ``scale_dtype``, with ``|weight - q * scale| <= scale / 2`` elementwise.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features); got {tuple(weight.shape)}")
-    w = weight.detach().float()
+    w = check_weight(weight)
     scale = _stored_scale(w.abs().amax(dim=1), INT8_QMAX, scale_dtype)
     q = torch.round(w / scale.float()[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
@@ -69,10 +108,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def check_group_size(group_size: int, in_features: int) -> None:
     """A clear error unless ``group_size`` is a positive divisor of ``in_features``."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
-            or in_features % group_size:
-        raise ValueError(f"group_size={group_size!r} does not divide in_features={in_features}: "
-                         f"choose one of {_divisors(in_features)}")
+    expected = f"a divisor of in_features={in_features}, one of {_divisors(in_features)}"
+    check_int("group_size", group_size, low=1, why=expected)
+    if in_features % group_size:
+        raise bad("group_size", group_size, expected)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 32,
@@ -82,11 +121,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 32,
     Returns ``(q, scales)``: ``q`` int8 holding values in [-7, 7] (two of them fit
     in a byte once packed), ``scales`` (out, in // group_size).
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features); got {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
+    w = check_weight(weight)
+    out_features, in_features = w.shape
     check_group_size(group_size, in_features)
-    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    w = w.reshape(out_features, in_features // group_size, group_size)
     scales = _stored_scale(w.abs().amax(dim=2), INT4_QMAX, scale_dtype)
     q = torch.round(w / scales.float()[..., None]).clamp(-INT4_QMAX, INT4_QMAX)
     return q.to(torch.int8).reshape(out_features, in_features), scales
@@ -95,9 +133,21 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 32,
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Float32 weights back from int4 codes and per-group scales."""
     out_features, in_features = q.shape
+    if scales.dim() != 2 or scales.shape[0] != out_features or not 0 < scales.shape[1] <= in_features \
+            or in_features % scales.shape[1]:
+        raise bad("scales", f"tensor of shape {tuple(scales.shape)}",
+                  f"(out_features, groups) = ({out_features}, a divisor of {in_features})")
     group_size = in_features // scales.shape[1]
     w = q.float().reshape(out_features, -1, group_size) * scales.float()[..., None]
     return w.reshape(out_features, in_features)
+
+
+def _check_linear(linear, kind: str) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise bad("linear", linear, "an nn.Linear")
+    if linear.bias is not None:
+        raise bad("linear", linear, "an nn.Linear without bias",
+                  f"{kind} has no bias term (the tiny LM's layers have none)")
 
 
 class Int8Linear(nn.Module):
@@ -113,8 +163,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "Int8Linear":
-        if linear.bias is not None:
-            raise ValueError("Int8Linear supports Linear layers without bias (the tiny LM has none)")
+        _check_linear(linear, "Int8Linear")
         return cls(*quantize_int8(linear.weight, scale_dtype=compute_dtype), compute_dtype=compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +210,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32,
                    compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
-        if linear.bias is not None:
-            raise ValueError("Int4Linear supports Linear layers without bias (the tiny LM has none)")
+        _check_linear(linear, "Int4Linear")
         q, scales = quantize_int4(linear.weight, group_size, scale_dtype=compute_dtype)
         return cls(q, scales, group_size, compute_dtype)
 
@@ -209,16 +257,21 @@ def quantize_model(model: nn.Module, scheme: str = "int8", *, group_size: int = 
     The embedding and the norms stay float32: the embedding is a lookup (one row
     read per token, so it does not dominate decode bytes) and norms are tiny.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r}; choose one of {SCHEMES}")
+    check_choice("scheme", scheme, SCHEMES)
+    check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+    if scheme == "int4":
+        check_int("group_size", group_size, low=1)
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                if scheme == "int8":
-                    new = Int8Linear.from_float(child, compute_dtype)
-                else:
-                    new = Int4Linear.from_float(child, group_size, compute_dtype)
+                try:
+                    if scheme == "int8":
+                        new = Int8Linear.from_float(child, compute_dtype)
+                    else:
+                        new = Int4Linear.from_float(child, group_size, compute_dtype)
+                except BadArgument as e:   # say which layer: the model has dozens
+                    raise BadArgument(f"{name + '.' if name else ''}{child_name}: {e}") from None
                 setattr(module, child_name, new)
     return model
 

@@ -11,9 +11,27 @@ import hashlib
 
 import torch
 
+from ..validate import bad, check_int, check_str
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise bad(f"state[{name!r}]" if name else "t", t, "a dense torch.Tensor")
+
+
+def _check_state(arg: str, state) -> None:
+    if not isinstance(state, dict):
+        raise bad(arg, state, "a dict of name -> tensor (a state_dict)", f"got a {type(state).__name__}")
+    for name, t in state.items():
+        if not isinstance(name, str):
+            raise bad(arg, state, "a dict of name -> tensor (a state_dict)", f"the key {name!r} is not a str")
+        _check_tensor(name, t)
+
 
 def tensor_digest(name: str, t: torch.Tensor) -> str:
     """SHA-256 over the name, dtype, shape and raw bytes of one tensor."""
+    check_str("name", name, allow_empty=True)
+    _check_tensor("", t)
     h = hashlib.sha256()
     h.update(name.encode())
     h.update(str(t.dtype).encode())
@@ -25,8 +43,7 @@ def tensor_digest(name: str, t: torch.Tensor) -> str:
 
 def state_fingerprint(state: dict) -> str:
     """One hex digest of a whole ``state_dict`` (names sorted, so insertion order is irrelevant)."""
-    if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict of name -> tensor (a state_dict), got {type(state).__name__}")
+    _check_state("state", state)
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(tensor_digest(name, state[name]).encode())
@@ -35,6 +52,8 @@ def state_fingerprint(state: dict) -> str:
 
 def diff_states(a: dict, b: dict) -> list[str]:
     """Names whose tensors differ (or exist on one side only), sorted."""
+    _check_state("a", a)
+    _check_state("b", b)
     names = sorted(set(a) | set(b))
     return [n for n in names if n not in a or n not in b
             or tensor_digest(n, a[n]) != tensor_digest(n, b[n])]
@@ -42,6 +61,7 @@ def diff_states(a: dict, b: dict) -> list[str]:
 
 def short(fp: str) -> str:
     """The first 12 hex digits: enough to tell versions apart in a table."""
+    check_str("fp", fp)
     return fp[:12]
 
 
@@ -61,6 +81,7 @@ def broadcast_state_(state: dict, src: int = 0) -> None:
     """Overwrite every tensor of ``state`` in place with rank ``src``'s copy (the repair)."""
     import torch.distributed as dist
 
+    check_int("src", src, low=0, high=dist.get_world_size() - 1)
     for name in sorted(state):   # the same order on every rank, or the broadcasts would mismatch
         dist.broadcast(state[name], src=src)
 
@@ -68,6 +89,9 @@ def broadcast_state_(state: dict, src: int = 0) -> None:
 def shard_state(state: dict, rank: int, world_size: int) -> dict:
     """A simple tensor-parallel sharding for fingerprints: 2-D weights split by rows, the rest
     replicated. Each rank's shard fingerprint can be checked against a manifest built offline."""
+    _check_state("state", state)
+    check_int("world_size", world_size, low=1)
+    check_int("rank", rank, low=0, high=world_size - 1)
     out = {}
     for name, t in state.items():
         if t.dim() == 2 and t.shape[0] % world_size == 0:
@@ -79,6 +103,7 @@ def shard_state(state: dict, rank: int, world_size: int) -> dict:
 
 def shard_manifest(state: dict, world_size: int) -> list[str]:
     """The expected fingerprint of each rank's shard: what a release pipeline would publish."""
+    check_int("world_size", world_size, low=1)
     return [state_fingerprint(shard_state(state, r, world_size)) for r in range(world_size)]
 
 
@@ -89,6 +114,7 @@ def sum_order_demo(seed: int = 0, rows: int = 64, cols: int = 1024, parts: int =
     Tensor parallelism sums partial products across ranks in whatever order the all-reduce uses, so
     its result differs from one process's matmul (which sums in yet another, blocked order).
     """
+    _check_demo(seed, rows, cols, parts)
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, cols, generator=g), torch.randn(cols, rows, generator=g)
     chunk = cols // parts
@@ -106,3 +132,12 @@ def sum_order_demo(seed: int = 0, rows: int = 64, cols: int = 1024, parts: int =
             and torch.allclose(forward, full, rtol=1e-5, atol=1e-4),
             "max_abs_diff": float((forward - backward).abs().max()),
             "elements_differing": int((forward != backward).sum()), "elements": forward.numel()}
+
+
+def _check_demo(seed, rows, cols, parts) -> None:
+    check_int("seed", seed)
+    check_int("rows", rows, low=1)
+    check_int("cols", cols, low=1)
+    check_int("parts", parts, low=1, high=cols)
+    if cols % parts:   # the partial products would leave out the last columns
+        raise bad("parts", parts, f"a divisor of cols={cols}")

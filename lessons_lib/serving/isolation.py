@@ -14,6 +14,9 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
+from ..validate import bad, check_int, check_str, check_token_ids
 from .policies import block_hashes
 from .worker import PrefixKVCache, greedy_generate
 
@@ -33,13 +36,18 @@ class TenantServer:
     """One replica serving several tenants from one prefix cache, isolated or not."""
 
     def __init__(self, model, isolate: bool, block_size: int = 16) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise bad("model", model, "a TinyLM (e.g. serving.worker.load_model('random:0'))")
+        if not isinstance(isolate, bool):
+            raise bad("isolate", isolate, "True (a salt per tenant) or False (one shared cache)")
         self.model, self.isolate = model, isolate
-        self.cache = SaltedPrefixKVCache(block_size)
+        self.cache = SaltedPrefixKVCache(check_int("block_size", block_size, low=1))
 
     def serve(self, tenant: str, prompt, max_new_tokens: int = 1) -> tuple[list[int], int, float]:
         """(new tokens, cached prompt tokens, seconds)."""
-        import torch
-
+        check_str("tenant", tenant)
+        check_token_ids("prompt", prompt, self.model.config.vocab_size)
+        check_int("max_new_tokens", max_new_tokens, low=1)
         self.cache.salt = tenant.encode() if self.isolate else b""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # steadier timings, and faster for a model this small
@@ -57,15 +65,21 @@ def probe(server: TenantServer, victim_prompt, guess_prompt, trials: int = 5) ->
 
     Every trial starts from an empty cache, so B's own earlier probes never warm it for B.
     """
+    if not isinstance(server, TenantServer):
+        raise bad("server", server, "a TenantServer")
+    check_int("trials", trials, low=1)
+    vocab = server.model.config.vocab_size
+    check_token_ids("victim_prompt", victim_prompt, vocab)
+    check_token_ids("guess_prompt", guess_prompt, vocab)
     hit_t, miss_t, hit_cached, miss_cached = [], [], [], []
     for k in range(trials):
         server.cache.entries.clear()
         server.serve("tenant-a", victim_prompt)
-        tail = [200 + k, 201 + k, 202 + k]
+        tail = [(200 + k + i) % vocab for i in range(3)]
         _, c, t = server.serve("tenant-b", list(guess_prompt) + tail)
         hit_t.append(t)
         hit_cached.append(c)
-        control = [(7 * k + i) % 250 + 1 for i in range(len(guess_prompt))] + tail
+        control = [(7 * k + i) % min(vocab - 1, 250) + 1 for i in range(len(guess_prompt))] + tail
         _, c, t = server.serve("tenant-b", control)
         miss_t.append(t)
         miss_cached.append(c)

@@ -8,7 +8,9 @@ untrusted link (activations between sites, KV blocks to a remote cache), seal th
 * :class:`TensorSealer` / :class:`TensorOpener`: AES-GCM (authenticated encryption) over the
   tensor's bytes, with its dtype, shape, sender and a **sequence number** in the authenticated
   header. Tampering with any byte, or using the wrong key, fails the GCM tag check; a sliding
-  **replay window** rejects a message seen before, or one too old to tell.
+  **replay window** rejects a message seen before, or one too old to tell. Each sealer is its own
+  **stream** (a random id drawn when it is made), so a sender that restarts starts a new stream
+  at sequence number 1 instead of looking like a replay of its former self.
 * :class:`TokenAuthority`: HMAC-signed bearer tokens naming a tenant, its scopes and an expiry;
   :meth:`TokenAuthority.authorize` refuses unauthenticated (401) and out-of-scope (403) calls.
 """
@@ -27,11 +29,20 @@ import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..validate import bad, check_int, check_real, check_str, check_str_list
+
 _LEN = struct.Struct("!H")
+# GCM's 96-bit nonce, built as NIST SP 800-38D section 8.2.1 lays out: a fixed field naming the
+# stream, then an invocation field counting its messages. 64 random bits make two streams under
+# one key collide with odds of about n**2 / 2**65 for n sealers; 32 bits of counter allow four
+# billion messages per sealer, after which it refuses to seal rather than repeat a nonce.
+_STREAM_BYTES, _SEQ_BYTES = 8, 4
+_MAX_SEQ = 2 ** (8 * _SEQ_BYTES) - 1
 
 
 class SecurityError(ValueError):
-    """A sealed message was rejected; ``reason`` is tampered, replayed, too-old or malformed."""
+    """A sealed message was rejected (``reason``: tampered, replayed, too-old or malformed), or a
+    sealer has used up its sequence numbers (``exhausted``)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
@@ -43,36 +54,48 @@ def new_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 
 
+def _aead(key) -> AESGCM:
+    if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
+        raise bad("key", key, "16, 24 or 32 random bytes", "an AES-128, -192 or -256 key: use new_key()")
+    return AESGCM(key)
+
+
+def _tensor_bytes(tensor) -> tuple[torch.Tensor, bytes]:
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise bad("tensor", tensor, "a dense torch.Tensor")
+    t = tensor.detach().contiguous().cpu()
+    return t, t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 class TensorSealer:
     """Seals tensors from one sender. Each message gets the next sequence number.
 
-    The 96-bit GCM nonce is 4 random bytes fixed per sealer plus the 8-byte sequence number, so a
-    nonce never repeats under one key, which GCM requires (a repeat leaks the XOR of plaintexts).
+    The 96-bit GCM nonce is this sealer's random 8-byte stream id plus the 4-byte sequence
+    number, so a nonce never repeats under one key, which GCM requires (a repeat leaks the XOR
+    of plaintexts). A restarted sender gets a new stream id, so its sequence number 1 is new too.
     """
 
     def __init__(self, key: bytes, sender: str) -> None:
-        if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
-            raise ValueError("key must be 16, 24 or 32 bytes (use new_key())")
-        self.aead, self.sender, self.seq = AESGCM(key), sender, 0
-        self._prefix = os.urandom(4)
+        self.aead, self.sender, self.seq = _aead(key), check_str("sender", sender), 0
+        self.stream = os.urandom(_STREAM_BYTES)
 
     def seal(self, tensor: torch.Tensor) -> bytes:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        t, body = _tensor_bytes(tensor)          # before taking a number: a refusal burns none
+        if self.seq == _MAX_SEQ:
+            raise SecurityError("exhausted", f"{_MAX_SEQ} messages sealed: make a new TensorSealer")
         self.seq += 1
-        nonce = self._prefix + self.seq.to_bytes(8, "big")
-        t = tensor.detach().contiguous().cpu()
+        nonce = self.stream + self.seq.to_bytes(_SEQ_BYTES, "big")
         header = json.dumps({"sender": self.sender, "seq": self.seq, "nonce": nonce.hex(),
                              "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)},
                             sort_keys=True).encode()
-        body = t.reshape(-1).view(torch.uint8).numpy().tobytes()
         # The header travels in clear but is authenticated (associated data): changing the shape,
         # the sender or the sequence number breaks the tag just like changing the payload.
         return _LEN.pack(len(header)) + header + self.aead.encrypt(nonce, body, header)
 
 
 class ReplayWindow:
-    """Sliding-window replay protection (as in IPsec and DTLS), one window per sender.
+    """Sliding-window replay protection (as in IPsec and DTLS), one window per sender (the opener
+    passes a sender's name with its stream id, so each life of a sender has its own window).
 
     Accepts each sequence number at most once; numbers more than ``size`` below the highest seen
     are refused as too old, since the window no longer remembers them. Reordering within the window
@@ -80,14 +103,13 @@ class ReplayWindow:
     """
 
     def __init__(self, size: int = 64) -> None:
-        if size < 1:
-            raise ValueError(f"size={size!r} must be >= 1")
-        self.size = size
+        self.size = check_int("size", size, low=1, why="how many recent sequence numbers to remember")
         self.highest: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {}
 
     def check(self, sender: str, seq: int) -> None:
         """Raise ``SecurityError`` if ``seq`` is a replay or too old; don't record it."""
+        check_int("seq", seq, low=1)
         top = self.highest.get(sender, 0)
         if seq <= top - self.size:
             raise SecurityError("too-old", f"seq {seq} is outside the window (highest {top})")
@@ -101,10 +123,15 @@ class ReplayWindow:
 
 
 class TensorOpener:
-    """Opens sealed tensors: authenticates, decrypts, then enforces the replay window."""
+    """Opens sealed tensors: authenticates, decrypts, then enforces the replay window.
+
+    The window is kept per stream (sender name and stream id): a restarted sender is a new
+    stream, while a message replayed from any stream this opener has seen is still refused.
+    """
 
     def __init__(self, key: bytes, window: int = 64) -> None:
-        self.aead, self.window = AESGCM(key), ReplayWindow(window)
+        check_int("window", window, low=1, why="how many recent sequence numbers to remember")
+        self.aead, self.window = _aead(key), ReplayWindow(window)
 
     def open(self, message: bytes) -> tuple[str, int, torch.Tensor]:
         """Return (sender, seq, tensor) or raise ``SecurityError``."""
@@ -114,6 +141,9 @@ class TensorOpener:
             h = json.loads(header_bytes)
             sender, seq, nonce = str(h["sender"]), int(h["seq"]), bytes.fromhex(h["nonce"])
             dtype, shape = getattr(torch, h["dtype"]), [int(s) for s in h["shape"]]
+            if (not isinstance(dtype, torch.dtype) or len(nonce) != _STREAM_BYTES + _SEQ_BYTES
+                    or int.from_bytes(nonce[_STREAM_BYTES:], "big") != seq):
+                raise ValueError("header fields disagree")
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SecurityError("malformed", f"{type(e).__name__}") from None
         # Authenticate first: until the tag verifies, the sender and sequence number are only
@@ -123,10 +153,16 @@ class TensorOpener:
             body = self.aead.decrypt(nonce, message[2 + n:], header_bytes)
         except (InvalidTag, ValueError):
             raise SecurityError("tampered", "authentication tag mismatch: modified or wrong key") from None
-        self.window.check(sender, seq)
-        self.window.record(sender, seq)
-        tensor = torch.frombuffer(bytearray(body), dtype=torch.uint8).view(dtype).reshape(shape)
-        return sender, seq, tensor
+        stream = f"{sender} (stream {nonce[:_STREAM_BYTES].hex()})"
+        self.window.check(stream, seq)
+        self.window.record(stream, seq)
+        return sender, seq, _tensor_from(body, dtype, shape)
+
+
+def _tensor_from(body: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not body:    # frombuffer refuses an empty buffer; an empty tensor is still a valid message
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 # -- access control --------------------------------------------------------------------------
@@ -151,11 +187,18 @@ class TokenAuthority:
 
     def __init__(self, secret: bytes, clock=time.time) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
-            raise ValueError("secret must be at least 16 random bytes (e.g. os.urandom(32))")
+            raise bad("secret", secret, "at least 16 random bytes", "e.g. os.urandom(32)")
+        if not callable(clock):
+            raise bad("clock", clock, "a function returning the time in seconds, like time.time")
         self.secret, self.clock = secret, clock
 
     def issue(self, tenant: str, scopes, ttl_s: float = 3600.0) -> str:
-        payload = json.dumps({"tenant": tenant, "scopes": sorted(scopes), "exp": self.clock() + ttl_s},
+        """A token for ``tenant`` granting ``scopes`` (a list or set of names) for ``ttl_s`` seconds."""
+        check_str("tenant", tenant)
+        scopes = sorted(set(check_str_list("scopes", scopes)))
+        # A NaN expiry compares false with every clock reading, so the token would never expire.
+        ttl_s = check_real("ttl_s", ttl_s, low=0.0, low_open=True, why="seconds until the token expires")
+        payload = json.dumps({"tenant": tenant, "scopes": scopes, "exp": self.clock() + ttl_s},
                              sort_keys=True).encode()
         return _b64(payload) + "." + _b64(hmac.new(self.secret, payload, hashlib.sha256).digest())
 
@@ -178,6 +221,7 @@ class TokenAuthority:
 
     def authorize(self, token, scope: str) -> dict:
         """Claims if ``token`` is valid and grants ``scope``; else ``AuthError`` 401 or 403."""
+        check_str("scope", scope)
         claims = self.verify(token)
         if scope not in claims["scopes"]:
             raise AuthError(403, f"tenant {claims['tenant']!r} lacks scope {scope!r}")
