@@ -428,13 +428,43 @@ SUBMIT_BAD = {
 }
 
 
+ROUTER_CALLS_BAD = {
+    "run timeout nan": (lambda r: r.run([], timeout=NAN), "timeout=nan"),
+    "run arrival times short": (lambda r: r.run(make_requests(2, prefix="at"), arrival_times=[0.0]),
+                                "arrival_times=.*one per request"),
+    "run arrival time negative": (lambda r: r.run(make_requests(1, prefix="an"), arrival_times=[-1]),
+                                  "arrival_times\\[\\]=-1"),
+    "kill unknown worker": (lambda r: r.kill("w9"), "worker_id='w9'"),
+    "drain unknown worker": (lambda r: r.drain("w9"), "worker_id='w9'"),
+    "add a taken id": (lambda r: r.add_worker(WorkerSpec("w0", model=SPEC)), "spec.id='w0'"),
+    "add not a spec": (lambda r: r.add_worker("w3"), "spec='w3'"),
+}
+SUBMIT_BAD.update({case: (None, names) for case, (_, names) in ROUTER_CALLS_BAD.items()})
+
+
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("case", sorted(SUBMIT_BAD))
-def test_submit_refuses_what_no_worker_can_serve(case, shared_router):
+def test_the_router_refuses_bad_calls_and_requests_no_worker_can_serve(case, shared_router):
     make, names = SUBMIT_BAD[case]
     TALLY["bad inputs"] += 1
     with pytest.raises(BadArgument, match=names):
-        shared_router.submit(make())
+        if make is None:
+            ROUTER_CALLS_BAD[case][0](shared_router)
+        else:
+            shared_router.submit(make())
+    assert shared_router.live_workers() == ["w0", "w1", "w2"]
+
+
+@pytest.mark.timeout(10)
+def test_a_policy_naming_no_live_worker_fails_the_request_instead_of_hanging(shared_router):
+    before = shared_router.policy
+    shared_router.policy = lambda request, loads: "nope"
+    try:
+        future = shared_router.submit(Request("misrouted", (1, 2, 3), 2))
+        with pytest.raises(RuntimeError, match="chose 'nope', not one of the live workers"):
+            future.result(timeout=5)
+    finally:
+        shared_router.policy = before
 
 
 @pytest.mark.timeout(10)
