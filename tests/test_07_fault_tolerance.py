@@ -33,7 +33,7 @@ def test_full_jitter_stays_below_the_envelope_and_is_reproducible():
 
 
 @pytest.mark.parametrize("kwargs, words", [({"attempts": -1}, "attempts"), ({"attempts": 2, "jitter": "x"},
-                                           "choose 'full'"), ({"attempts": 2, "base": 0}, "base > 0")])
+                                           "jitter='x'"), ({"attempts": 2, "base": 0}, "base=0")])
 def test_backoff_rejects_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         backoff_delays(**kwargs)
@@ -130,7 +130,7 @@ def test_a_hung_worker_is_detected_by_heartbeat_timeout_and_its_late_answers_are
 def test_router_rejects_bad_specs():
     with pytest.raises(ValueError, match="unique"):
         Router([WorkerSpec("a"), WorkerSpec("a")])
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="policy='random-ish'"):
         Router([WorkerSpec("a")], policy="random-ish")
 
 

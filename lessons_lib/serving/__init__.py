@@ -2,10 +2,12 @@
 
 Lessons 05-08 use these modules: ``router`` and ``worker`` (real processes on loopback sockets),
 ``policies`` and ``simulate`` (load balancing), ``health`` (failure detection, retries,
-exactly-once), ``fingerprint`` and ``versioning`` (consistency), ``security`` and ``pii``.
+exactly-once), ``faults`` (fault injection), ``fingerprint`` and ``versioning`` (consistency),
+``security`` and ``pii``.
 """
 
-from .protocol import Request, Response
-from .router import NoWorkerError, Router, WorkerSpec
+from .protocol import MessageTooLarge, Request, Response
+from .router import DuplicateRequestId, NoWorkerError, RequestFailed, Router, RouterClosed, WorkerSpec
 
-__all__ = ["NoWorkerError", "Request", "Response", "Router", "WorkerSpec"]
+__all__ = ["DuplicateRequestId", "MessageTooLarge", "NoWorkerError", "Request", "RequestFailed", "Response",
+           "Router", "RouterClosed", "WorkerSpec"]

@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 
+from ..validate import check_choice, check_int, check_real
+
 
 def tp_row_parallel_step(x, weight, fail_rank: int | None = None, how: str = "raise"):
     """One row-parallel linear layer on the current process group, run inside ``run_distributed``.
@@ -27,7 +29,10 @@ def tp_row_parallel_step(x, weight, fail_rank: int | None = None, how: str = "ra
     """
     import torch.distributed as dist
 
+    check_choice("how", how, ("raise", "exit"))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if fail_rank is not None:
+        check_int("fail_rank", fail_rank, low=0, high=world - 1)
     if weight.shape[1] % world:
         raise ValueError(f"in_features={weight.shape[1]} is not divisible by world_size={world}")
     cols = weight.shape[1] // world
@@ -83,8 +88,9 @@ def elastic_main() -> None:
 
 def run_elastic(nproc: int = 2, max_restarts: int = 2, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Launch :func:`elastic_main` with ``torchrun --standalone --max-restarts``; return the result."""
-    if not (isinstance(nproc, int) and nproc >= 2):
-        raise ValueError(f"nproc={nproc!r} must be an int >= 2 (rank 1 is the one that fails)")
+    check_int("nproc", nproc, low=2, why="rank 1 is the one that fails")
+    check_int("max_restarts", max_restarts, low=0)
+    check_real("timeout", timeout, low=0, low_open=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
            "-m", "lessons_lib.serving.elastic"]

@@ -18,6 +18,8 @@ import random
 import threading
 import time
 
+from ..validate import check_choice, check_int, check_real
+
 
 def backoff_delays(attempts: int, base: float = 0.05, factor: float = 2.0, cap: float = 1.0,
                    jitter: str = "full", seed: int | None = 0) -> list[float]:
@@ -27,13 +29,13 @@ def backoff_delays(attempts: int, base: float = 0.05, factor: float = 2.0, cap: 
     ``jitter="full"`` draws uniformly in [0, that] (AWS's "full jitter"), ``"equal"`` in
     [that/2, that], ``"none"`` returns it unchanged. ``seed`` fixes the draws.
     """
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
-        raise ValueError(f"attempts={attempts!r} must be an int >= 0")
-    if not (base > 0 and factor >= 1 and cap >= base):
-        raise ValueError(f"need base > 0, factor >= 1 and cap >= base; got base={base}, "
-                         f"factor={factor}, cap={cap}")
-    if jitter not in ("full", "equal", "none"):
-        raise ValueError(f"jitter={jitter!r}: choose 'full', 'equal' or 'none'")
+    check_int("attempts", attempts, low=0)
+    check_real("base", base, low=0, low_open=True)
+    check_real("factor", factor, low=1)
+    check_real("cap", cap, low=base, why="the cap bounds every delay, the first one included")
+    check_choice("jitter", jitter, ("full", "equal", "none"))
+    if seed is not None:
+        check_int("seed", seed, why="or None for fresh randomness")
     rng = random.Random(seed)
     out = []
     for k in range(attempts):
@@ -53,8 +55,7 @@ class FailureDetector:
     """
 
     def __init__(self, timeout: float = 1.0, clock=time.monotonic) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout={timeout!r} must be a number of seconds > 0")
+        check_real("timeout", timeout, low=0, low_open=True, why="seconds of silence before a suspicion")
         self.timeout, self.clock = timeout, clock
         self.last_seen: dict[str, float] = {}
         self.dead: set[str] = set()

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..validate import check_choice, check_int
+
 
 def block_hashes(tokens, block_size: int = 16, salt: bytes = b"") -> list[str]:
     """Chained SHA-256 of each *full* block: hash i covers tokens[0 : (i+1)*block_size].
@@ -29,8 +31,7 @@ def block_hashes(tokens, block_size: int = 16, salt: bytes = b"") -> list[str]:
     Chaining makes a block's hash depend on everything before it, so equal hashes mean equal
     prefixes (vLLM's prefix caching does the same). ``salt`` separates tenants (lesson 08).
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+    check_int("block_size", block_size, low=1)
     out, h = [], hashlib.sha256(salt).digest()
     for start in range(0, len(tokens) - block_size + 1, block_size):
         block = ",".join(str(int(t)) for t in tokens[start:start + block_size]).encode()
@@ -84,7 +85,7 @@ class PowerOfTwoChoices(Policy):
     name = "power-of-two"
 
     def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
+        self.rng = random.Random(check_int("seed", seed))
 
     def choose(self, request, workers):
         if len(workers) == 1:
@@ -106,7 +107,8 @@ class PrefixCacheAware(Policy):
     name = "prefix-aware"
 
     def __init__(self, block_size: int = 16, capacity: int = 64) -> None:
-        self.block_size, self.capacity = block_size, capacity
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.capacity = check_int("capacity", capacity, low=1)
         self.cached: dict[str, OrderedDict] = {}
 
     def matched_blocks(self, worker_id: str, hashes: list[str]) -> int:
@@ -135,6 +137,5 @@ POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstanding, PowerOfTwoCh
 
 def make_policy(name: str, **kwargs) -> Policy:
     """A fresh policy by name (policies keep state, so each run gets its own)."""
-    if name not in POLICIES:
-        raise ValueError(f"policy={name!r}: choose one of {sorted(POLICIES)}")
+    check_choice("policy", name, sorted(POLICIES))
     return POLICIES[name](**kwargs)

@@ -8,14 +8,23 @@ Failure handling, in one place (see ``health.py`` for the parts):
 
 * a worker whose socket closes (crash, SIGKILL) or whose heartbeats stop for ``failure_timeout``
   seconds (hung) is taken out of rotation;
+* so is a worker that sends anything the protocol does not allow: a frame that is not a message, a
+  result with a missing or mistyped field, an answer for a request id the router never sent it.
+  Such a worker is *fenced*: killed, because nothing it says can be trusted any more;
 * its unanswered requests are re-dispatched to live workers after an exponential backoff with
-  jitter, up to ``max_attempts`` dispatches per request;
-* answers are keyed by request id and the first one wins, so a slow worker that answers after its
-  request was re-dispatched produces a dropped duplicate, never a second answer.
+  jitter; a request whose ``max_attempts`` dispatches all failed ends in :class:`RequestFailed`;
+* answers are keyed by request id and only the worker that owes a request may answer it, so a
+  slow worker that answers after its request was re-dispatched produces a dropped duplicate,
+  never a second answer;
+* a heartbeat cannot see a worker that answers on time with *wrong* tokens. With
+  ``verify_fraction > 0`` a seeded sample of requests is re-run on a second replica; when the two
+  disagree a third breaks the tie, the majority answer is delivered and the outvoted worker fenced;
+* every request ends: answered, or failed with a named error (also when the router is closed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -26,19 +35,36 @@ import tempfile
 import threading
 import time
 import zlib
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections import Counter
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..validate import BadArgument, bad, check_choice, check_int, check_probability, check_real, check_str
+from .faults import ANSWER_FAULTS
 from .health import ExactlyOnce, FailureDetector, backoff_delays
 from .policies import Policy, WorkerLoad, make_policy
-from .protocol import LOOPBACK, ProtocolError, Request, Response, recv_msg, send_msg
+from .protocol import (LOOPBACK, BadFrame, ProtocolError, Request, Response, encode, message_field, parse_hello,
+                       parse_result, recv_msg, send_msg)
+from .worker import check_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class NoWorkerError(RuntimeError):
+class RequestFailed(RuntimeError):
+    """A request ended without an answer; the message says why (every attempt, where it failed)."""
+
+
+class NoWorkerError(RequestFailed):
     """A request could not be served: no live worker (of its pinned version) after every retry."""
+
+
+class RouterClosed(RequestFailed):
+    """The router was closed before the request was answered, or a request came after it was."""
+
+
+class DuplicateRequestId(BadArgument):
+    """A request id was submitted again with a different request: an id names one request."""
 
 
 @dataclass
@@ -51,18 +77,35 @@ class WorkerSpec:
     delay: float = 0.0          # extra seconds per generated token (a slow worker)
     crash_after: int = 0        # the worker exits after this many results (0: never)
     block_size: int = 16        # prefix-cache block size (0: no prefix cache)
+    fault: str | None = None    # corrupt its answers: one of faults.ANSWER_FAULTS (None: honest)
+    fault_after: int = 0        # ... after this many honest answers
+
+    def __post_init__(self) -> None:
+        check_str("id", self.id)
+        check_str("version", self.version)
+        check_model_spec(self.model)
+        check_real("delay", self.delay, low=0)
+        check_int("crash_after", self.crash_after, low=0)
+        check_int("block_size", self.block_size, low=0, why="0 turns the prefix cache off")
+        if self.fault is not None:
+            check_choice("fault", self.fault, ANSWER_FAULTS, why="or None for an honest worker")
+        check_int("fault_after", self.fault_after, low=0)
 
 
 @dataclass
 class WorkerHandle:
     spec: WorkerSpec
     proc: subprocess.Popen
+    log: object                 # the worker's stderr (an unnamed temporary file)
     sock: socket.socket | None = None
     pid: int = 0
     fingerprint: str = ""
+    vocab_size: int = 0
+    max_seq_len: int = 0
     alive: bool = True
     draining: bool = False
-    outstanding: dict = field(default_factory=dict)   # request id -> Request
+    outstanding: dict = field(default_factory=dict)   # request id -> Request, owed by this worker
+    sent: set = field(default_factory=set)             # every request id ever sent to it
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load(self) -> WorkerLoad:
@@ -73,24 +116,46 @@ class WorkerHandle:
 class Router:
     def __init__(self, specs, policy: str | Policy = "round-robin", *, heartbeat_interval: float = 0.1,
                  failure_timeout: float = 1.0, max_attempts: int = 4, backoff_base: float = 0.05,
-                 seed: int = 0, start_timeout: float = 90.0) -> None:
-        specs = list(specs)
-        if not specs:
-            raise ValueError("specs must name at least one worker (a WorkerSpec)")
+                 seed: int = 0, start_timeout: float = 90.0, verify_fraction: float = 0.0) -> None:
+        if isinstance(specs, WorkerSpec):
+            raise bad("specs", specs, "a list of WorkerSpec", f"wrap it: [{specs!r}]")
+        try:
+            specs = list(specs)
+        except TypeError:
+            raise bad("specs", specs, "a list of WorkerSpec") from None
+        if not specs or not all(isinstance(s, WorkerSpec) for s in specs):
+            raise bad("specs", specs, "a non-empty list of WorkerSpec (at least one worker)")
         ids = [s.id for s in specs]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"worker ids must be unique, got {ids}")
-        self.policy = make_policy(policy) if isinstance(policy, str) else policy
-        self.heartbeat_interval, self.max_attempts = heartbeat_interval, max_attempts
-        self.backoff_base, self.seed, self.start_timeout = backoff_base, seed, start_timeout
+            raise bad("specs", ids, "unique worker ids")
+        if isinstance(policy, str):
+            self.policy = make_policy(policy)
+        elif callable(policy):
+            self.policy = policy
+        else:
+            raise bad("policy", policy, "a policy name or a Policy")
+        self.heartbeat_interval = check_real("heartbeat_interval", heartbeat_interval, low=0, low_open=True)
+        check_real("failure_timeout", failure_timeout, low=heartbeat_interval, low_open=True,
+                   why="a worker is suspected after this much silence, so it must exceed the "
+                       "heartbeat interval")
+        self.max_attempts = check_int("max_attempts", max_attempts, low=1)
+        self.backoff_base = check_real("backoff_base", backoff_base, low=0, low_open=True)
+        self.seed = check_int("seed", seed)
+        self.start_timeout = check_real("start_timeout", start_timeout, low=0, low_open=True)
+        self.verify_fraction = check_probability("verify_fraction", verify_fraction)
         self.detector = FailureDetector(failure_timeout)
         self.answers = ExactlyOnce()
         self.workers: dict[str, WorkerHandle] = {}
         self.events: list[tuple[float, str, str]] = []   # (time, worker, what happened)
         self.redispatched = 0
+        self.verified = 0          # requests whose answer a second replica confirmed
+        self._late = 0             # answers from a worker that no longer owed the request
+        self._requests: dict[str, Request] = {}
         self._futures: dict[str, Future] = {}
         self._submitted: dict[str, float] = {}
         self._attempts: dict[str, int] = {}
+        self._history: dict[str, list[str]] = {}     # request id -> "worker: why" per failed attempt
+        self._votes: dict[str, list[Response]] = {}   # request id -> answers so far, when verified
         self._lock = threading.RLock()
         self._closed = False
         self._t0 = time.monotonic()
@@ -101,13 +166,15 @@ class Router:
     def _start(self, specs) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        started = []
+        started, socks = [], []
         for s in specs:
             log = tempfile.TemporaryFile()
             cmd = [sys.executable, "-m", "lessons_lib.serving.worker", "--worker-id", s.id,
                    "--version", s.version, "--model", s.model, "--parent-pid", str(os.getpid()),
                    "--heartbeat-interval", str(self.heartbeat_interval), "--delay", str(s.delay),
                    "--block-size", str(s.block_size), "--crash-after", str(s.crash_after)]
+            if s.fault is not None:
+                cmd += ["--fault", s.fault, "--fault-after", str(s.fault_after)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                     env=env)
             started.append((s, proc, log))
@@ -115,18 +182,28 @@ class Router:
             for s, proc, log in started:
                 port = self._read_port(s, proc, log)
                 sock = socket.create_connection((LOOPBACK, port), timeout=self.start_timeout)
-                sock.settimeout(None)
+                socks.append(sock)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = recv_msg(sock)
-                h = WorkerHandle(s, proc, sock, hello["pid"], hello["fingerprint"])
+                try:
+                    hello = parse_hello(recv_msg(sock))
+                except (ProtocolError, OSError) as e:
+                    raise RuntimeError(f"worker {s.id} did not introduce itself: {e}") from None
+                sock.settimeout(None)
+                h = WorkerHandle(s, proc, log, sock, hello["pid"], hello["fingerprint"],
+                                 hello["vocab_size"], hello["max_seq_len"])
                 self.workers[s.id] = h
                 self.detector.heartbeat(s.id)
                 self._event(s.id, f"started (version {s.version})")
                 threading.Thread(target=self._receive, args=(h,), daemon=True).start()
         except BaseException:
-            for _, proc, _ in started:
+            for sock in socks:
+                sock.close()
+            for s, proc, log in started:
                 proc.kill()
                 proc.wait()
+                proc.stdout.close()
+                log.close()
+                self.workers.pop(s.id, None)
             raise
 
     def _read_port(self, spec, proc, log) -> int:
@@ -136,7 +213,6 @@ class Router:
             if ready:
                 line = proc.stdout.readline()
                 if line:
-                    import json
                     return int(json.loads(line)["port"])
             if proc.poll() is not None:
                 log.seek(0)
@@ -145,8 +221,16 @@ class Router:
         raise TimeoutError(f"worker {spec.id} did not report its port within {self.start_timeout} s")
 
     def close(self) -> None:
-        """Stop every worker: a polite stop message, then SIGKILL for any that linger."""
-        self._closed = True
+        """Fail every unanswered request with :class:`RouterClosed`, then stop every worker: a
+        polite stop message, then SIGKILL for any that linger. Calling it twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [rid for rid, f in self._futures.items() if not f.done()]
+        for rid in pending:
+            self._finish(rid, error=RouterClosed(f"request {rid}: the router was closed before "
+                                                 f"it was answered"))
         for h in self.workers.values():
             try:
                 os.kill(h.proc.pid, signal.SIGCONT)   # a stopped (hung) worker cannot exit
@@ -165,6 +249,7 @@ class Router:
                 h.proc.wait()
             h.sock.close()
             h.proc.stdout.close()
+            h.log.close()
 
     def __enter__(self) -> "Router":
         return self
@@ -174,22 +259,60 @@ class Router:
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: Request) -> Future:
-        """Route one request; the future resolves to its :class:`Response`."""
+        """Route one request; the future resolves to its :class:`Response` or to the error that
+        ended it. Submitting the same request again returns the same future (the id is its
+        idempotency key); a *different* request under a used id raises :class:`DuplicateRequestId`."""
         if not isinstance(request, Request):
-            raise TypeError(f"request must be a Request, got {type(request).__name__}")
+            raise bad("request", request, "a lessons_lib.serving.Request")
+        if self._closed:
+            raise RouterClosed(f"request {request.id}: the router is closed; start a new Router")
+        self._check_fits(request)
         with self._lock:
-            if request.id in self._futures:
-                return self._futures[request.id]   # idempotent: same id, same answer
+            known = self._requests.get(request.id)
+            if known is not None:
+                if known == request:
+                    return self._futures[request.id]
+                raise DuplicateRequestId(*bad(
+                    "request.id", request.id, "an id not yet used for a different request",
+                    f"it was first submitted as {_describe(known)}, now as {_describe(request)}; "
+                    f"answering it would return the first request's tokens").args)
             fut = Future()
+            self._requests[request.id] = request
             self._futures[request.id] = fut
             self._submitted[request.id] = time.monotonic()
             self._attempts[request.id] = 0
         self._dispatch(request)
         return fut
 
+    def _check_fits(self, request: Request) -> None:
+        """Refuse, before anything is sent, a request no worker can take."""
+        encode(request.to_wire())    # MessageTooLarge: no worker could even read it
+        serving = [h for h in self.workers.values()
+                   if request.version is None or h.spec.version == request.version]
+        if not serving:
+            return                   # NoWorkerError after the retries, as for a dead fleet
+        vocab = min(h.vocab_size for h in serving)
+        context = min(h.max_seq_len for h in serving)
+        if max(request.prompt) >= vocab:
+            raise bad("request.prompt", f"ids up to {max(request.prompt)}", f"token ids in [0, {vocab})",
+                      "the workers' vocabulary size")
+        room = context - len(request.prompt)
+        if room < request.max_new_tokens:
+            if room < 1:
+                raise bad("request.prompt", f"{len(request.prompt)} tokens",
+                          f"at most {context - 1} tokens", f"the workers' max_seq_len is {context}")
+            raise bad("request.max_new_tokens", request.max_new_tokens, f"an int <= {room}",
+                      f"a {len(request.prompt)}-token prompt leaves {room} of max_seq_len={context}")
+
     def run(self, requests, arrival_times=None, timeout: float = 120.0) -> list[Response]:
         """Submit every request (at ``arrival_times`` seconds from now, if given); wait for all."""
         requests = list(requests)
+        check_real("timeout", timeout, low=0, low_open=True)
+        if arrival_times is not None:
+            arrival_times = [check_real("arrival_times[]", t, low=0) for t in arrival_times]
+            if len(arrival_times) != len(requests):
+                raise bad("arrival_times", f"{len(arrival_times)} times",
+                          f"one per request ({len(requests)})")
         start = time.monotonic()
         futures = []
         for i, r in enumerate(requests):
@@ -198,23 +321,40 @@ class Router:
             futures.append(self.submit(r))
         return [f.result(timeout=max(0.1, start + timeout - time.monotonic())) for f in futures]
 
-    def _dispatch(self, request: Request) -> None:
+    def _dispatch(self, request: Request, verify: bool = False) -> None:
+        try:
+            self._dispatch_once(request, verify)
+        except Exception as e:   # e.g. a custom policy's bug: the caller hears of it, never waits
+            self._finish(request.id, error=e)
+
+    def _dispatch_once(self, request: Request, verify: bool) -> None:
+        rid = request.id
         with self._lock:
-            if request.id in self.answers or self._closed:
+            if self._closed or self._futures[rid].done():
                 return
-            self._attempts[request.id] += 1
-            attempt = self._attempts[request.id]
+            if not verify:
+                self._attempts[rid] += 1
+            attempt = self._attempts[rid]
+            voted = {v.worker for v in self._votes.get(rid, ())}   # a second opinion comes from elsewhere
             live = [h for h in self.workers.values() if h.alive and not h.draining
-                    and (request.version is None or h.spec.version == request.version)]
-            if not live:
-                chosen = None
-            else:
-                chosen = self.workers[self.policy(request, [h.load() for h in live])]
-                chosen.outstanding[request.id] = request
+                    and (request.version is None or h.spec.version == request.version)
+                    and h.spec.id not in voted]
+            chosen = None
+            if live:
+                wid = self.policy(request, [h.load() for h in live])
+                if wid not in {h.spec.id for h in live}:
+                    raise RuntimeError(f"policy {getattr(self.policy, 'name', self.policy)!r} chose "
+                                       f"{wid!r}, not one of the live workers {sorted(h.spec.id for h in live)}")
+                chosen = self.workers[wid]
+                chosen.outstanding[rid] = request
+                chosen.sent.add(rid)
+            elif voted:
+                self._settle_unverifiable(rid)
+                return
         if chosen is None:
             if attempt >= self.max_attempts:
-                self._futures[request.id].set_exception(NoWorkerError(
-                    f"request {request.id}: no live worker (version={request.version}) "
+                self._finish(rid, error=NoWorkerError(
+                    f"request {rid}: no live worker (version={request.version}) "
                     f"after {attempt} attempts"))
                 return
             self._retry_later(request, attempt)
@@ -233,39 +373,120 @@ class Router:
         t.daemon = True
         t.start()
 
+    def _finish(self, rid: str, response: Response | None = None, error: BaseException | None = None) -> bool:
+        """End request ``rid`` once: with ``response``, or with ``error``. False if it had ended."""
+        with self._lock:
+            fut = self._futures[rid]
+            if fut.done():
+                return False
+            self.answers.accept(rid, response)
+            self._votes.pop(rid, None)
+            for w in self.workers.values():
+                w.outstanding.pop(rid, None)   # nobody owes it any more: later answers are late
+            try:
+                if error is None:
+                    fut.set_result(response)
+                else:
+                    fut.set_exception(error)
+            except InvalidStateError:          # the caller cancelled it
+                return False
+        return True
+
+    # -- answers -----------------------------------------------------------------------------
     def _receive(self, h: WorkerHandle) -> None:
+        """One thread per worker. Whatever arrives, it ends only by taking the worker out of rotation
+        (and so re-dispatching what it owed), never silently."""
         try:
             while True:
-                msg = recv_msg(h.sock)
-                if msg["op"] == "heartbeat":
-                    self.detector.heartbeat(h.spec.id)
-                elif msg["op"] == "result":
-                    self._complete(h, msg)
-                elif msg["op"] == "error":
-                    self._fail_request(h, msg)
-        except (ProtocolError, OSError, ValueError):
+                self._handle(h, recv_msg(h.sock))
+        except BadFrame as e:
+            self._on_failure(h, f"sent a bad message ({e})", fence=True)
+        except (ProtocolError, OSError):
             self._on_failure(h, "connection closed")
+        except Exception as e:   # a bug here must cost one worker, not every request it owes
+            self._on_failure(h, f"{type(e).__name__} while reading its message: {e}", fence=True)
 
-    def _complete(self, h: WorkerHandle, msg: dict) -> None:
-        rid = msg["id"]
-        with self._lock:
-            for w in self.workers.values():
-                w.outstanding.pop(rid, None)
-            resp = Response(rid, tuple(msg["tokens"]), msg["worker"], msg["version"],
-                            msg["cached_tokens"], msg["service_s"],
-                            time.monotonic() - self._submitted.get(rid, time.monotonic()),
-                            self._attempts.get(rid, 1))
-            accepted = rid in self._futures and self.answers.accept(rid, resp)
-        if accepted:
-            self._futures[rid].set_result(resp)
+    def _handle(self, h: WorkerHandle, msg: dict) -> None:
+        op = msg["op"]
+        if op == "heartbeat":
+            self.detector.heartbeat(h.spec.id)
+        elif op == "result":
+            self._on_result(h, msg)
+        elif op == "error":
+            self._on_error(h, msg)
+        elif op == "bad-frame":
+            self._on_failure(h, f"could not read the router's message ({str(msg.get('error'))[:200]})",
+                             fence=True)
+        else:
+            raise BadFrame(f"unknown op {op!r}")
 
-    def _fail_request(self, h: WorkerHandle, msg: dict) -> None:
+    def _owed(self, h: WorkerHandle, msg: dict) -> tuple[str, Request | None]:
+        """The request a result or error answers; None if the worker no longer owes it."""
+        rid = message_field(msg, "id", check_str)
         with self._lock:
-            h.outstanding.pop(msg["id"], None)
-            fut = self._futures.get(msg["id"])
-            ok = fut is not None and self.answers.accept(msg["id"], None)
-        if ok:
-            fut.set_exception(RuntimeError(f"worker {h.spec.id}: {msg['error']}"))
+            request = h.outstanding.get(rid)
+            if request is None and rid not in h.sent:
+                raise BadFrame(f"it answered request id {rid!r}, which the router never sent to it")
+            if request is None:
+                self._late += 1
+        return rid, request
+
+    def _on_result(self, h: WorkerHandle, msg: dict) -> None:
+        rid, request = self._owed(h, msg)
+        if request is None:
+            return
+        # A malformed result raises here, while the request is still owed: the failure of this
+        # worker re-dispatches it.
+        fields = parse_result(msg, request, h.spec.id, h.spec.version, h.vocab_size)
+        with self._lock:
+            if h.outstanding.pop(rid, None) is None:   # taken from it meanwhile (declared failed)
+                self._late += 1
+                return
+            resp = Response(rid, fields["tokens"], h.spec.id, h.spec.version, fields["cached_tokens"],
+                            fields["service_s"], time.monotonic() - self._submitted[rid],
+                            self._attempts[rid])
+            winner, losers = self._vote(request, resp)
+        if winner is None:
+            self._dispatch(request, verify=True)
+            return
+        self._finish(rid, response=winner)
+        for w in losers:
+            self._on_failure(self.workers[w], f"its answer to {rid} was outvoted by "
+                                              f"{len(winner.extra['verified_by'])} replicas", fence=True)
+
+    def _sampled(self, rid: str) -> bool:
+        return zlib.crc32(f"{self.seed}/{rid}".encode()) / 2 ** 32 < self.verify_fraction
+
+    def _vote(self, request: Request, resp: Response) -> tuple[Response | None, list[str]]:
+        """(answer to deliver, workers it outvoted), or (None, []) while another opinion is needed."""
+        if request.id not in self._votes and not self._sampled(request.id):
+            return resp, []
+        votes = self._votes.setdefault(request.id, [])
+        votes.append(resp)
+        tokens, n = Counter(v.tokens for v in votes).most_common(1)[0]
+        if n < 2:
+            return None, []
+        agree = [v.worker for v in votes if v.tokens == tokens]
+        self.verified += 1
+        winner = next(v for v in votes if v.tokens == tokens)
+        return replace(winner, extra={"verified_by": agree}), [v.worker for v in votes if v.tokens != tokens]
+
+    def _settle_unverifiable(self, rid: str) -> None:
+        """No other replica can give an opinion: deliver a lone answer as unverified; refuse a tie."""
+        votes = self._votes[rid]
+        if len(votes) == 1:
+            self._finish(rid, response=replace(votes[0], extra={"verified_by": []}))
+            return
+        said = "; ".join(f"{v.worker}: {list(v.tokens)}" for v in votes)
+        self._finish(rid, error=RequestFailed(f"request {rid}: replicas disagree ({said}) and no "
+                                              f"other live replica can break the tie"))
+
+    def _on_error(self, h: WorkerHandle, msg: dict) -> None:
+        rid, request = self._owed(h, msg)
+        error = message_field(msg, "error", check_str)
+        if request is not None:
+            self._finish(rid, error=RequestFailed(f"worker {h.spec.id} could not serve request "
+                                                  f"{rid}: {error}"))
 
     # -- failures ----------------------------------------------------------------------------
     def _monitor(self) -> None:
@@ -274,7 +495,9 @@ class Router:
                 self._on_failure(self.workers[wid], "heartbeat timeout")
             time.sleep(self.heartbeat_interval / 2)
 
-    def _on_failure(self, h: WorkerHandle, reason: str) -> None:
+    def _on_failure(self, h: WorkerHandle, reason: str, fence: bool = False) -> None:
+        """Take ``h`` out of rotation and re-dispatch what it owed; ``fence`` also kills it (a
+        worker that broke the protocol is not trusted to finish anything)."""
         with self._lock:
             if not h.alive or self._closed:
                 return
@@ -283,9 +506,21 @@ class Router:
             orphans = list(h.outstanding.values())
             h.outstanding.clear()
             self.redispatched += len(orphans)
-            self._event(h.spec.id, f"{reason}: out of rotation, {len(orphans)} requests re-dispatched")
+            self._event(h.spec.id, f"{reason}: out of rotation{', fenced (killed)' if fence else ''}, "
+                                   f"{len(orphans)} requests re-dispatched")
+        if fence:
+            try:
+                h.proc.kill()
+            except OSError:
+                pass
         for r in orphans:
-            self._retry_later(r, self._attempts[r.id])
+            self._history.setdefault(r.id, []).append(f"{h.spec.id}: {reason}")
+            if self._attempts[r.id] >= self.max_attempts:
+                self._finish(r.id, error=RequestFailed(
+                    f"request {r.id}: all {self._attempts[r.id]} attempts failed "
+                    f"({'; '.join(self._history[r.id])}); giving up (max_attempts={self.max_attempts})"))
+            else:
+                self._retry_later(r, self._attempts[r.id])
 
     def _event(self, worker: str, what: str) -> None:
         self.events.append((time.monotonic() - self._t0, worker, what))
@@ -293,15 +528,20 @@ class Router:
     # -- operations: fault injection and rolling updates ----------------------------------------
     def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a worker process: SIGKILL (crash) or SIGSTOP (hang); SIGCONT resumes."""
+        check_choice("worker_id", worker_id, sorted(self.workers))
         os.kill(self.workers[worker_id].proc.pid, sig)
 
     def add_worker(self, spec: WorkerSpec) -> None:
+        if not isinstance(spec, WorkerSpec):
+            raise bad("spec", spec, "a WorkerSpec")
         if spec.id in self.workers:
-            raise ValueError(f"worker id {spec.id!r} is taken: choose a new one")
+            raise bad("spec.id", spec.id, "an id no worker has yet", "choose a new one")
         self._start([spec])
 
     def drain(self, worker_id: str, timeout: float = 60.0) -> None:
         """Stop routing to a worker, wait for its in-flight requests, then stop it."""
+        check_choice("worker_id", worker_id, sorted(self.workers))
+        check_real("timeout", timeout, low=0)
         h = self.workers[worker_id]
         with self._lock:
             h.draining = True
@@ -311,13 +551,26 @@ class Router:
         with self._lock:
             h.alive = False
             self.detector.mark_dead(worker_id)
-        with h.send_lock:
-            send_msg(h.sock, {"op": "stop"})
+            orphans = list(h.outstanding.values())   # still owed after the timeout: re-send them
+            h.outstanding.clear()
+        for r in orphans:
+            self._retry_later(r, self._attempts[r.id])
+        try:
+            with h.send_lock:
+                send_msg(h.sock, {"op": "stop"})
+        except OSError:
+            pass   # it died while draining: nothing left to stop
         self._event(worker_id, "drained and stopped")
 
     @property
     def duplicates_dropped(self) -> int:
-        return self.answers.duplicates
+        """Answers dropped because the request was answered already or had been re-dispatched."""
+        return self.answers.duplicates + self._late
 
     def live_workers(self) -> list[str]:
         return [w for w, h in self.workers.items() if h.alive and not h.draining]
+
+
+def _describe(r: Request) -> str:
+    return (f"a prompt of {len(r.prompt)} tokens (crc32 {zlib.crc32(repr(r.prompt).encode()):08x}), "
+            f"max_new_tokens={r.max_new_tokens}, version={r.version}")

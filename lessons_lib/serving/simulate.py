@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import heapq
 import random
-import statistics
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from .policies import Policy, WorkerLoad, block_hashes, make_policy
+from ..validate import bad, check_int, check_probability, check_real, check_str_list
+from .policies import POLICIES, Policy, WorkerLoad, block_hashes, make_policy
 from .protocol import Request
 
 
@@ -34,8 +34,16 @@ def make_trace(n: int = 300, seed: int = 0, *, base_rate: float = 20.0, burst_ra
     """A seeded, bursty trace: Poisson arrivals at ``base_rate``/s, ``burst_rate``/s during bursts
     of ``burst_len`` s every ``burst_every`` s; prompts short (8-40 tokens) or long (150-300);
     new tokens 4, 16 or 64; a share of prompts start with one of ``n_prefixes`` shared prefixes."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be an int >= 1")
+    check_int("n", n, low=1)
+    check_int("seed", seed)
+    for name, rate in (("base_rate", base_rate), ("burst_rate", burst_rate)):
+        check_real(name, rate, low=0, low_open=True, why="arrivals per second")
+    check_real("burst_every", burst_every, low=0, low_open=True)
+    check_real("burst_len", burst_len, low=0, high=burst_every, why="a burst fits in its period")
+    check_probability("long_share", long_share)
+    check_probability("shared_prefix_share", shared_prefix_share)
+    check_int("n_prefixes", n_prefixes, low=1)
+    check_int("block_size", block_size, low=1)
     rng = random.Random(seed)
     prefixes = [[rng.randrange(256) for _ in range(4 * block_size)] for _ in range(n_prefixes)]
     t, out = 0.0, []
@@ -70,7 +78,8 @@ class SimResult:
 def percentile(sorted_values, q: float) -> float:
     """Nearest-rank percentile of an already sorted list (what load-testing tools report)."""
     if not sorted_values:
-        raise ValueError("no values: percentile of an empty list is undefined")
+        raise bad("sorted_values", sorted_values, "at least one value", "a percentile of nothing is undefined")
+    check_real("q", q, low=0, high=100)
     k = max(0, min(len(sorted_values) - 1, int(-(-q * len(sorted_values) // 100)) - 1))
     return sorted_values[k]
 
@@ -80,8 +89,20 @@ def simulate(trace, policy: str | Policy, speeds=(1.0, 1.0, 1.0, 0.3), *,
              block_size: int = 16, cache_blocks: int = 64) -> SimResult:
     """Run ``trace`` through a router with ``policy`` and workers of the given ``speeds``."""
     policy = make_policy(policy) if isinstance(policy, str) else policy
-    if not speeds or any(s <= 0 for s in speeds):
-        raise ValueError(f"speeds={speeds!r} must be a non-empty list of positive numbers")
+    if not isinstance(policy, Policy):
+        raise bad("policy", policy, f"a policy name ({', '.join(sorted(POLICIES))}) or a Policy")
+    if isinstance(speeds, (str, bytes)) or not hasattr(speeds, "__iter__") or not len(speeds):
+        raise bad("speeds", speeds, "a non-empty list of positive numbers, one per worker")
+    speeds = [check_real("speeds[]", s, low=0, low_open=True) for s in speeds]
+    check_real("prefill_s_per_token", prefill_s_per_token, low=0)
+    check_real("decode_s_per_token", decode_s_per_token, low=0)
+    check_int("block_size", block_size, low=1)
+    check_int("cache_blocks", cache_blocks, low=0)
+    trace = list(trace)
+    for item in trace:
+        if not isinstance(item, TraceItem):
+            raise bad("trace", item, "a list of TraceItem (from make_trace)")
+        check_real("trace[].arrival", item.arrival, low=0)
     ids = [f"w{i}" for i in range(len(speeds))]
     queues = {w: deque() for w in ids}
     busy = {w: False for w in ids}
@@ -145,10 +166,11 @@ def simulate(trace, policy: str | Policy, speeds=(1.0, 1.0, 1.0, 0.3), *,
 
 def compare_policies(trace, names=None, seed: int = 0, **kwargs) -> list[SimResult]:
     """Every policy (fresh state each; power-of-two seeded) on the same trace."""
-    from .policies import POLICIES
-
+    names = list(POLICIES) if names is None else check_str_list("names", names)
+    for name in names:
+        make_policy(name)   # an unknown name is refused before any simulation runs
     results = []
-    for name in names or list(POLICIES):
+    for name in names:
         policy = make_policy(name, seed=seed) if name == "power-of-two" else make_policy(name)
         results.append(simulate(trace, policy, **kwargs))
     return results

@@ -10,6 +10,7 @@ sends them to replicas of that version (``Request.version``).
 
 from __future__ import annotations
 
+from ..validate import bad, check_int, check_str
 from .protocol import Request
 
 
@@ -19,8 +20,9 @@ def run_session(router, session_id: str, prompt, steps: int = 2, tokens_per_step
 
     Returns the tokens, and the (worker, version) that served each step.
     """
-    if steps < 1 or tokens_per_step < 1:
-        raise ValueError(f"steps={steps} and tokens_per_step={tokens_per_step} must both be >= 1")
+    check_str("session_id", session_id)
+    check_int("steps", steps, low=1)
+    check_int("tokens_per_step", tokens_per_step, low=1)
     context, tokens, served, version = list(prompt), [], [], None
     for k in range(steps):
         req = Request(f"{session_id}/step{k}", tuple(context), tokens_per_step,
@@ -37,8 +39,12 @@ def run_session(router, session_id: str, prompt, steps: int = 2, tokens_per_step
 def rolling_update(router, old_ids, new_specs, on_step=None) -> None:
     """Replace ``old_ids`` one at a time: start the new replica first, then drain the old one, so
     capacity never drops. ``on_step(router)`` runs after each replacement (e.g. to send traffic)."""
+    old_ids, new_specs = list(old_ids), list(new_specs)
     if len(old_ids) != len(new_specs):
-        raise ValueError(f"{len(old_ids)} old workers but {len(new_specs)} new specs: give one per old worker")
+        raise bad("new_specs", f"{len(new_specs)} specs", f"one per old worker ({len(old_ids)})")
+    for old in old_ids:
+        if old not in router.workers:
+            raise bad("old_ids", old, f"ids of running workers ({', '.join(sorted(router.workers))})")
     for old, spec in zip(old_ids, new_specs):
         router.add_worker(spec)
         router.drain(old)

@@ -4,7 +4,8 @@ Started by the router as ``python -m lessons_lib.serving.worker --worker-id w0 -
 It listens on 127.0.0.1 (port chosen by the OS), prints ``{"port": N}`` on stdout, accepts exactly
 one connection (the router's) and then runs three threads:
 
-* a reader that puts incoming requests on the worker's FIFO queue;
+* a reader that puts incoming requests on the worker's FIFO queue (a frame it cannot read is
+  reported to the router as ``bad-frame`` and the worker exits: the router re-sends what it owed);
 * the compute loop (main thread): greedy decoding, one request at a time;
 * a heartbeat sender, which also watches the parent: if the router process dies the worker exits,
   so no replica outlives the program that started it.
@@ -19,14 +20,28 @@ import argparse
 import json
 import os
 import queue
+import re
 import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
 
+from ..validate import bad, check_int, check_real, check_str, check_token_ids
+from .faults import ANSWER_FAULTS, corrupt_answer
 from .policies import block_hashes
-from .protocol import LOOPBACK, ProtocolError, recv_msg, send_msg
+from .protocol import LOOPBACK, BadFrame, ProtocolError, parse_generate, recv_msg, send_msg
+
+BAD_FRAME_EXIT = 3   # the exit status of a worker that could not read the router's message
+
+
+def check_model_spec(spec) -> str:
+    """``spec`` if :func:`load_model` understands it (checked without loading anything)."""
+    expected = "'auto', 'checkpoint' or 'random:SEED' (SEED an int)"
+    check_str("model", spec, why=expected)
+    if spec in ("auto", "checkpoint") or re.fullmatch(r"random:-?\d+", spec):
+        return spec
+    raise bad("model", spec, expected)
 
 
 def load_model(spec: str):
@@ -36,21 +51,21 @@ def load_model(spec: str):
 
     from ..model import TINY_LM_PATH, ModelConfig, TinyLM, load_tiny_lm
 
+    check_model_spec(spec)
     if spec == "auto":
         spec = "checkpoint" if TINY_LM_PATH.exists() else "random:0"
     if spec == "checkpoint":
         return load_tiny_lm()[0]
-    if spec.startswith("random:") and spec[7:].lstrip("-").isdigit():
-        torch.manual_seed(int(spec[7:]))
-        return TinyLM(ModelConfig()).eval()
-    raise ValueError(f"model spec {spec!r}: choose 'auto', 'checkpoint' or 'random:SEED'")
+    torch.manual_seed(int(spec[7:]))
+    return TinyLM(ModelConfig()).eval()
 
 
 class PrefixKVCache:
     """Keys/values after prefill, found by the hash chain of the prompt's full blocks (LRU)."""
 
     def __init__(self, block_size: int = 16, capacity: int = 64) -> None:
-        self.block_size, self.capacity = block_size, capacity
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.capacity = check_int("capacity", capacity, low=1)
         self.entries: OrderedDict[str, tuple[int, list]] = OrderedDict()
 
     def _hashes(self, prompt) -> list[str]:
@@ -86,6 +101,9 @@ def greedy_generate(model, prompt, max_new_tokens: int, prefix_cache: PrefixKVCa
 
     from ..model import KVCache
 
+    check_token_ids("prompt", prompt, model.config.vocab_size)
+    check_int("max_new_tokens", max_new_tokens, low=0)
+    check_real("delay_per_token", delay_per_token, low=0)
     cached, kv = prefix_cache.lookup(prompt) if prefix_cache is not None else (0, None)
     cache = KVCache(len(model.layers))
     if kv is not None:
@@ -132,17 +150,32 @@ def serve(args) -> None:
             send_msg(conn, obj)
 
     send({"op": "hello", "worker": args.worker_id, "version": args.version,
-          "fingerprint": fingerprint, "pid": os.getpid()})
+          "fingerprint": fingerprint, "pid": os.getpid(), "vocab_size": model.config.vocab_size,
+          "max_seq_len": model.config.max_seq_len})
     inbox: queue.Queue = queue.Queue()
+    stopping = threading.Event()   # "stop" overtakes the queue: the router has re-sent or failed it all
 
     def reader():
         try:
             while True:
                 msg = recv_msg(conn)
-                inbox.put(msg)
                 if msg["op"] == "stop":
+                    stopping.set()
+                    inbox.put(None)
                     return
-        except (ProtocolError, OSError, ValueError):
+                if msg["op"] != "generate":
+                    raise BadFrame(f"unknown op {msg['op']!r}")
+                inbox.put(parse_generate(msg))
+        except BadFrame as e:
+            # The stream can no longer be trusted (framing may be lost): say why, then exit, and
+            # the router re-sends every request it owed to this worker to the others.
+            print(f"worker {args.worker_id}: {e}", file=sys.stderr, flush=True)
+            try:
+                send({"op": "bad-frame", "worker": args.worker_id, "error": str(e)})
+            except OSError:
+                pass
+            os._exit(BAD_FRAME_EXIT)
+        except (ProtocolError, OSError):
             os._exit(0)    # the router is gone: a worker never outlives it
 
     def heartbeat():
@@ -162,19 +195,24 @@ def serve(args) -> None:
     threading.Thread(target=heartbeat, daemon=True).start()
     served = 0
     while True:
-        msg = inbox.get()
-        if msg["op"] == "stop":
+        job = inbox.get()
+        if job is None or stopping.is_set():
             break
+        rid, prompt, max_new_tokens = job
         start = time.perf_counter()
         try:
-            tokens, cached = greedy_generate(model, msg["prompt"], msg["max_new_tokens"],
-                                             prefix_cache, args.delay)
+            tokens, cached = greedy_generate(model, prompt, max_new_tokens, prefix_cache, args.delay)
         except Exception as e:   # a bad request must not kill the replica
-            send({"op": "error", "id": msg.get("id"), "error": f"{type(e).__name__}: {e}"})
+            send({"op": "error", "id": rid, "error": f"{type(e).__name__}: {e}"})
             continue
-        send({"op": "result", "id": msg["id"], "tokens": tokens, "worker": args.worker_id,
-              "version": args.version, "cached_tokens": cached,
-              "service_s": time.perf_counter() - start})
+        result = {"op": "result", "id": rid, "tokens": tokens, "worker": args.worker_id,
+                  "version": args.version, "cached_tokens": cached,
+                  "service_s": time.perf_counter() - start}
+        if args.fault and served >= args.fault_after:
+            with send_lock:
+                conn.sendall(corrupt_answer(result, args.fault, model.config.vocab_size))
+        else:
+            send(result)
         served += 1
         if args.crash_after and served >= args.crash_after:
             os._exit(1)   # injected crash
@@ -191,6 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--delay", type=float, default=0.0, help="extra seconds per new token")
     p.add_argument("--block-size", type=int, default=16, help="prefix-cache block; 0 disables")
     p.add_argument("--crash-after", type=int, default=0, help="exit after N results (0: never)")
+    p.add_argument("--fault", choices=sorted(ANSWER_FAULTS), default=None,
+                   help="corrupt every answer after the first --fault-after ones")
+    p.add_argument("--fault-after", type=int, default=0)
     serve(p.parse_args(argv))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from ..validate import bad, check_int, check_probability, check_real, check_str, check_str_list
 from .protocol import Request
 
 SYSTEM_PROMPTS = (
@@ -33,8 +34,12 @@ def make_prompt(rng: random.Random, shared_prefix_share: float = 0.5, tag: str =
 def make_requests(n: int, seed: int = 0, max_new_tokens: int = 3, prefix: str = "r",
                   shared_prefix_share: float = 0.5, tag: str = "") -> list[Request]:
     """``n`` seeded requests with ids ``{prefix}0 .. {prefix}{n-1}``; ``tag`` starts every prompt."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be an int >= 1")
+    check_int("n", n, low=1)
+    check_int("seed", seed)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_str("prefix", prefix, allow_empty=True)
+    check_probability("shared_prefix_share", shared_prefix_share)
+    check_str("tag", tag, allow_empty=True)
     rng = random.Random(seed)
     return [Request(f"{prefix}{i}", make_prompt(rng, shared_prefix_share, tag), max_new_tokens)
             for i in range(n)]
@@ -47,6 +52,10 @@ def reference_tokens(requests, model=None, model_spec: str = "auto") -> dict[str
     from ..model import generate
     from .worker import load_model
 
+    requests = list(requests)
+    for r in requests:
+        if not isinstance(r, Request):
+            raise bad("requests", r, "a list of Request")
     model = load_model(model_spec) if model is None else model
     out, memo = {}, {}
     threads = torch.get_num_threads()
@@ -77,6 +86,12 @@ def replay(router, policy_names, n: int = 40, seed: int = 0, max_new_tokens: int
     from .policies import make_policy
     from .simulate import percentile
 
+    for name in check_str_list("policy_names", policy_names):
+        make_policy(name)   # refuses an unknown name before any request is sent
+    check_int("n", n, low=1)
+    check_int("seed", seed)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_real("rate", rate, low=0, low_open=True, why="requests per second")
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in range(n):
