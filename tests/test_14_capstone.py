@@ -107,5 +107,5 @@ def _bad_mesh():
 def test_a_mesh_that_does_not_fit_the_world_is_a_clear_error():
     with pytest.raises(DistributedError) as info:
         run_distributed(_bad_mesh, 4)
-    assert info.value.remote_type == "ValueError"
+    assert info.value.remote_type == "BadArgument"
     assert "tp x pp" in str(info.value.remote_traceback)

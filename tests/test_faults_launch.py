@@ -76,6 +76,7 @@ def one_rank_sleeps():
 
 @pytest.mark.timeout(120)
 def test_a_send_recv_deadlock_names_the_call_and_line_of_each_rank():
+    shutdown()   # so that no rank of another test's pool counts as left over
     run_distributed(rank_and_pid, 2)   # warm: the timeout covers the call only
     start = time.perf_counter()
     with pytest.raises(DistributedError) as info:
