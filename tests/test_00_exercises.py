@@ -1,6 +1,7 @@
 """The exercise pipeline: solution -> exercise generation, check(), and every check run for real."""
 
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -139,3 +140,72 @@ def test_solution_passes_every_check_and_the_stub_passes_none(solution):
             assert not NBVAL_EXCLUDING_TAGS & set(cell.metadata.get("tags", [])), cell.source
     assert _committed_verdicts(solved) == [(i, "correct") for i in expected_ids]
     assert _committed_verdicts(stubbed) == [(i, "not attempted") for i in expected_ids]
+
+
+# -- what every checker shares ------------------------------------------------------------
+def _exchange_receiving_first():
+    import torch
+    import torch.distributed as dist
+    t = torch.zeros(2)
+    dist.recv(t, 1 - dist.get_rank())
+    dist.send(t, 1 - dist.get_rank())
+    return 0
+
+
+def _raises_on_rank_1():
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        raise ValueError("chunk 3 does not exist")
+    return 0
+
+
+def test_run_ranks_reports_a_deadlock_with_the_waiting_call():
+    from lessons_lib.exercises import run_ranks
+    with pytest.raises(Incorrect) as info:
+        run_ranks(_exchange_receiving_first, 2, what="p=2")
+    text = str(info.value)
+    assert text.startswith("p=2: your ranks deadlocked") and "waits in recv" in text
+
+
+def test_run_ranks_turns_a_rank_error_into_a_hint():
+    from lessons_lib.exercises import run_ranks
+    with pytest.raises(Incorrect, match="on 2 ranks: rank 1 raised ValueError: chunk 3 does not exist"):
+        run_ranks(_raises_on_rank_1, 2)
+
+
+def _library_sum(xs):
+    from lessons_lib.model import generate as g   # a library import inside the answer
+    return g
+
+
+def test_refuse_reference_sees_globals_imports_inside_and_helpers():
+    from lessons_lib.exercises import refuse_reference
+    from lessons_lib.model import generate
+
+    def direct(x):
+        return generate(x)
+
+    def via_helper(x):
+        return direct(x)
+
+    for answer in (direct, via_helper, _library_sum):
+        with pytest.raises(Incorrect, match="uses lessons_lib's own generate: write it yourself"):
+            refuse_reference(answer, generate)
+    refuse_reference(lambda x: x + 1, generate)   # an answer of one's own passes
+
+
+@exercise("test.loop", "never returns")
+def _check_loop(candidate):
+    candidate()
+
+
+def test_a_check_is_bounded_in_time(monkeypatch):
+    module = sys.modules["lessons_lib.exercises.check"]   # the package's `check` is the function
+    monkeypatch.setattr(module, "CHECK_LIMIT_S", 1)
+
+    def forever():
+        while True:
+            pass
+
+    result = module.evaluate("test.loop", forever)
+    assert result.status == "incorrect" and "more than 1 s" in result.message

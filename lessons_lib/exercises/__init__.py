@@ -14,11 +14,13 @@ state the answers are in.
 import importlib
 import pkgutil
 
-from .check import HISTORY, CheckResult, Incorrect, check, exercise, registered
+from .check import (CHECK_LIMIT_S, HISTORY, RANK_TIMEOUT_S, CheckResult, Incorrect, check, evaluate,
+                    exercise, refuse_reference, registered, run_ranks)
 
 # Each lesson's checkers live in ``lessonNN.py``; importing the module registers them.
 for _module in pkgutil.iter_modules(__path__):
     if _module.name.startswith("lesson"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["HISTORY", "CheckResult", "Incorrect", "check", "exercise", "registered"]
+__all__ = ["CHECK_LIMIT_S", "HISTORY", "RANK_TIMEOUT_S", "CheckResult", "Incorrect", "check", "evaluate",
+           "exercise", "refuse_reference", "registered", "run_ranks"]

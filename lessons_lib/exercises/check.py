@@ -1,11 +1,32 @@
-"""The ``check`` helper and the registry of checkers behind it."""
+"""The ``check`` helper, the registry of checkers behind it, and what every checker shares.
+
+A checker receives the learner's answer and either returns a short success message or
+raises :class:`Incorrect` with a hint. The helpers here keep checkers honest and bounded:
+
+- :func:`refuse_reference` turns away an answer that calls the library's own
+  implementation of the exercise ("uses lessons_lib's own X: write it yourself");
+- :func:`run_ranks` runs an answer on real ranks and turns a hang into a deadlock report
+  (which rank waits in which call, at which line) and a rank's exception into a hint;
+- :func:`evaluate` bounds the whole check in time (:data:`CHECK_LIMIT_S`), so an endless
+  loop in an answer ends as a verdict too.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import signal
+import threading
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+from ..launch import run_distributed
 from ..launch.errors import DistributedError
+
+CHECK_LIMIT_S = 60      # a whole check, whatever the answer does
+RANK_TIMEOUT_S = 8      # one call of an answer on warm ranks: a hang is reported after this
 
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not attempted"
 _MARKS = {CORRECT: "✅", INCORRECT: "❌", NOT_ATTEMPTED: "⬜"}
@@ -16,6 +37,133 @@ HISTORY: list["CheckResult"] = []   # every result in this process, oldest first
 
 class Incorrect(Exception):
     """Raised by a checker with a hint: what the learner's answer got wrong."""
+
+
+class _OverTime(Exception):
+    """Raised in the main thread when a check runs past its limit."""
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_OverTime` in the main thread after ``seconds`` (no bound elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise _OverTime()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- answers that call the library's own implementation -------------------------------------
+_LIBRARY = __name__.split(".")[0]   # "lessons_lib"
+
+
+def _code_objects(code: types.CodeType):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _scan(candidate) -> tuple[list, set[str]]:
+    """What an answer can reach: the objects it names (through globals, closures, defaults,
+    bound methods, partials, classes and the helpers it calls, recursively) and every name or
+    string its code spells (so ``from lessons_lib.x import y`` inside a function counts)."""
+    reached, spelled, seen, todo = [], set(), set(), [candidate]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or len(seen) > 2000:
+            continue
+        seen.add(id(obj))
+        reached.append(obj)
+        if isinstance(obj, types.MethodType):
+            todo.append(obj.__func__)
+        elif isinstance(obj, functools.partial):
+            todo += [obj.func, *obj.args, *obj.keywords.values()]
+        elif inspect.isclass(obj) and not obj.__module__.startswith((_LIBRARY, "builtins", "torch")):
+            todo += [getattr(v, "__func__", v) for v in vars(obj).values()]
+        elif inspect.isfunction(obj):
+            names = set()
+            for code in _code_objects(obj.__code__):
+                names.update(code.co_names)
+                spelled.update(c for c in code.co_consts if isinstance(c, str))
+            spelled.update(names)
+            scope = obj.__globals__
+            for name in names:
+                value = scope.get(name, None)
+                if isinstance(value, types.ModuleType):
+                    reached.append(value)
+                    todo += [getattr(value, n) for n in names if hasattr(value, n)]
+                elif value is not None and not isinstance(value, (int, float, str, bytes)):
+                    todo.append(value)
+            todo += [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+            todo += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+    return reached, spelled
+
+
+def refuse_reference(candidate, *references) -> None:
+    """Raise :class:`Incorrect` if ``candidate`` uses one of the library's ``references``.
+
+    The answer is read, not run: every function, class and module it can reach by name is
+    compared with the references, and an answer whose code names ``lessons_lib`` (an import
+    inside the function) and a reference's name is refused too.
+    """
+    reached, spelled = _scan(candidate)
+    by_id = {id(ref): ref for ref in references}
+    for obj in reached:
+        if id(obj) in by_id:
+            name = by_id[id(obj)].__name__
+            raise Incorrect(f"uses lessons_lib's own {name}: write it yourself "
+                            f"(the exercise is to build what {name} does)")
+    names_library = any(name.startswith(_LIBRARY) for name in spelled) or any(
+        isinstance(obj, types.ModuleType) and obj.__name__.startswith(_LIBRARY) for obj in reached)
+    for ref in references:
+        if names_library and ref.__name__ in spelled:
+            raise Incorrect(f"uses lessons_lib's own {ref.__name__}: write it yourself "
+                            f"(the exercise is to build what {ref.__name__} does)")
+
+
+# -- answers on real ranks -------------------------------------------------------------------
+def run_ranks(fn, world_size: int, *args, timeout: float = RANK_TIMEOUT_S, what: str = "",
+              **kwargs) -> list:
+    """``run_distributed(fn, world_size, ...)`` whose failures become hints.
+
+    A hang becomes "deadlock" (or "ran past the limit") with the launcher's report of where
+    each rank waits; an exception on a rank becomes "rank r raised ..." with its last line.
+    A stub's ``NotImplementedError`` passes through, so the verdict is "not attempted".
+    ``what`` names the case in the hint, e.g. ``"p=3, n=13"``.
+    """
+    where = f"{what}: " if what else f"on {world_size} ranks: "
+    try:
+        return run_distributed(fn, world_size, *args, timeout=timeout, **kwargs)
+    except DistributedError as err:
+        if err.remote_type == "NotImplementedError":
+            raise
+        if err.kind == "timeout":
+            stuck = "a deadlock" in err.summary
+            head = ("your ranks deadlocked" if stuck else
+                    f"your code did not finish within {timeout:g} s (a deadlock or an endless loop)")
+            raise Incorrect(f"{where}{head}. {err.summary}") from None
+        if err.kind == "exception":
+            last = (err.remote_traceback or "").strip().splitlines()[-1:] or [err.remote_type]
+            raise Incorrect(f"{where}rank {err.rank} raised {last[0]}") from None
+        raise Incorrect(f"{where}{err.summary}") from None
 
 
 @dataclass(frozen=True)
@@ -55,15 +203,21 @@ def _is_stub(exc: BaseException) -> bool:
     return isinstance(exc, DistributedError) and exc.remote_type == "NotImplementedError"
 
 
-def _evaluate(exercise_id: str, candidate) -> CheckResult:
+def evaluate(exercise_id: str, candidate) -> CheckResult:
+    """The verdict on ``candidate`` for ``exercise_id``, as data; never raises, bounded in time."""
     if exercise_id not in _CHECKERS:
         known = ", ".join(sorted(_CHECKERS)) or "none"
         return CheckResult(exercise_id, INCORRECT, f"no exercise has this id; known ids: {known}")
     _, checker = _CHECKERS[exercise_id]
     try:
-        message = checker(candidate)
+        with _time_limit(CHECK_LIMIT_S):
+            message = checker(candidate)
     except Incorrect as wrong:
         return CheckResult(exercise_id, INCORRECT, str(wrong))
+    except _OverTime:
+        return CheckResult(exercise_id, INCORRECT,
+                           f"the check ran for more than {CHECK_LIMIT_S} s and was stopped: "
+                           f"does your code loop forever, or wait for something that never comes?")
     except KeyboardInterrupt:
         raise   # Ctrl-C (a kernel interrupt) stops the cell, as everywhere else
     except BaseException as exc:  # noqa: BLE001 - a learner's bug is feedback, not a crash
@@ -87,6 +241,6 @@ def check(exercise_id: str, candidate) -> None:
     abruptly; only ``KeyboardInterrupt`` passes through, so Ctrl-C still stops a check.
     The verdict is also appended to :data:`HISTORY`, where tests read it.
     """
-    result = _evaluate(exercise_id, candidate)
+    result = evaluate(exercise_id, candidate)
     HISTORY.append(result)
     print(result)

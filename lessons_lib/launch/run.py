@@ -13,7 +13,7 @@ from ._pickle import dumps, loads
 from .errors import DistributedError
 from .pool import MAX_TIMEOUT_S, WorkerPool, caller_sys_path, startup_limit
 
-MAX_POOLS = 2   # warm pools kept at once (e.g. the 2-rank and the 4-rank one)
+MAX_POOLS = 3   # warm pools kept at once (e.g. the 2-, 3- and 4-rank ones)
 _pools: "OrderedDict[tuple, WorkerPool]" = OrderedDict()
 _lock = threading.Lock()
 

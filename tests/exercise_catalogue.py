@@ -1,0 +1,48 @@
+"""What every lesson's exercise tests share: a wrong answer must earn its own hint, quickly.
+
+A lesson's ``tests/test_exercises_NN.py`` lists its catalogue of plausible wrong answers and
+calls :func:`assert_hint` on each; :func:`assert_correct` and :func:`assert_refused` cover
+the solution and an answer that calls the library's own implementation.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lessons_lib.exercises import evaluate
+
+# The design bound is RANK_TIMEOUT_S on warm ranks; the slack covers starting cold ranks
+# on a busy machine, so this catches a hint that waits for a long timeout, not noise.
+HINT_LIMIT_S = 30
+
+
+def verdict(exercise_id: str, answer):
+    start = time.perf_counter()
+    result = evaluate(exercise_id, answer)
+    return result, time.perf_counter() - start
+
+
+def assert_hint(exercise_id: str, answer, *fragments: str) -> str:
+    """``answer`` is judged incorrect, with a hint containing every fragment (any case)."""
+    result, seconds = verdict(exercise_id, answer)
+    assert result.status == "incorrect", f"{exercise_id}: expected incorrect, got {result}"
+    for fragment in fragments:
+        assert fragment.lower() in result.message.lower(), \
+            f"{exercise_id}: hint lacks {fragment!r}: {result.message}"
+    assert seconds < HINT_LIMIT_S, f"{exercise_id}: the hint took {seconds:.1f} s"
+    return result.message
+
+
+def assert_correct(exercise_id: str, answer) -> None:
+    result, _ = verdict(exercise_id, answer)
+    assert result.status == "correct", f"{exercise_id}: {result}"
+
+
+def assert_not_attempted(exercise_id: str, answer) -> None:
+    result, _ = verdict(exercise_id, answer)
+    assert result.status == "not attempted", f"{exercise_id}: {result}"
+
+
+def assert_refused(exercise_id: str, answer, name: str) -> None:
+    """An answer that calls the library's own ``name`` is refused, saying so."""
+    assert_hint(exercise_id, answer, f"uses lessons_lib's own {name}", "write it yourself")
