@@ -86,7 +86,10 @@ def shard_indices(size: int, tp: int, rank: int, *, unit: int = 1, name: str = "
     With ``replicate=True`` and fewer blocks than ranks (grouped-query attention with
     ``tp > n_kv_heads``), ``tp`` must be a multiple of the block count and each block is
     *replicated* on ``tp // blocks`` consecutive ranks: rank ``r`` holds block
-    ``r // (tp // blocks)``, the KV head its own query heads use. Megatron-LM and vLLM do the same.
+    ``r // (tp // blocks)``, the KV head its own query heads use. vLLM's ``QKVParallelLinear``
+    replicates KV heads this way (``num_kv_head_replicas = tp // total_num_kv_heads``); Megatron-core
+    does not: its attention divides ``num_query_groups`` by ``tp`` and so requires ``tp`` to divide the
+    number of KV heads.
     """
     check_int(name, size, low=1)
     check_int("unit", unit, low=1)
