@@ -209,3 +209,21 @@ def test_a_check_is_bounded_in_time(monkeypatch):
 
     result = module.evaluate("test.loop", forever)
     assert result.status == "incorrect" and "more than 1 s" in result.message
+
+
+def _stub_on_ranks():
+    raise NotImplementedError()
+
+
+def test_a_stub_on_ranks_is_not_attempted_and_keeps_the_ranks_warm():
+    from lessons_lib.exercises import run_ranks
+    from lessons_lib.launch import run as launch_run
+    run_ranks(_raises_nothing, 2)
+    pools = dict(launch_run._pools)
+    with pytest.raises(NotImplementedError):
+        run_ranks(_stub_on_ranks, 2)
+    assert dict(launch_run._pools) == pools   # the same warm ranks serve the next check
+
+
+def _raises_nothing():
+    return 0

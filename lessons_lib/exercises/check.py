@@ -140,6 +140,18 @@ def refuse_reference(candidate, *references) -> None:
 
 
 # -- answers on real ranks -------------------------------------------------------------------
+class _StubOnRank:
+    """What a rank returns when the answer is still a stub: the warm ranks stay up, where an
+    exception on a rank would stop them all and the next check would start cold ones."""
+
+
+def _guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        return _StubOnRank()
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = RANK_TIMEOUT_S, what: str = "",
               **kwargs) -> list:
     """``run_distributed(fn, world_size, ...)`` whose failures become hints.
@@ -151,7 +163,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = RANK_TIMEOUT_S, what:
     """
     where = f"{what}: " if what else f"on {world_size} ranks: "
     try:
-        return run_distributed(fn, world_size, *args, timeout=timeout, **kwargs)
+        results = run_distributed(_guarded, world_size, fn, *args, timeout=timeout, **kwargs)
     except DistributedError as err:
         if err.remote_type == "NotImplementedError":
             raise
@@ -164,6 +176,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = RANK_TIMEOUT_S, what:
             last = (err.remote_traceback or "").strip().splitlines()[-1:] or [err.remote_type]
             raise Incorrect(f"{where}rank {err.rank} raised {last[0]}") from None
         raise Incorrect(f"{where}{err.summary}") from None
+    if any(isinstance(result, _StubOnRank) for result in results):
+        raise NotImplementedError()
+    return results
 
 
 @dataclass(frozen=True)
