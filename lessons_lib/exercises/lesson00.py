@@ -20,31 +20,12 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-class _Stub:
-    """What a rank returns when the answer is still the stub: the ranks stay up for the next
-    check, where an exception on a rank would stop them all."""
-
-
-def _call(candidate, *args):
-    try:
-        return candidate(*args)
-    except NotImplementedError:
-        return _Stub()
-
-
-def _on_ranks(fn, p, *args, what):
-    results = run_ranks(fn, p, *args, what=what)
-    if any(isinstance(r, _Stub) for r in results):
-        raise NotImplementedError()
-    return results
-
-
 # -- 00.sum_of_squares (warm-up) -------------------------------------------------------------
 @exercise("00.sum_of_squares", "all-reduce the squares of the rank ids")
 def check_sum_of_squares(candidate):
     for p in WORLD_SIZES:
         expected = sum(r * r for r in range(p))
-        results = _on_ranks(_call, p, candidate, what=f"on {p} ranks")
+        results = run_ranks(candidate, p, what=f"on {p} ranks")
         for rank, got in enumerate(results):
             if isinstance(got, bool) or not isinstance(got, int):
                 raise Incorrect(f"on {p} ranks, rank {rank} returned {got!r} "
@@ -134,7 +115,7 @@ def _losses(sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
 def _mean_on_rank(candidate, shards):
     import torch.distributed as dist
 
-    return _call(candidate, shards[dist.get_rank()].clone())
+    return candidate(shards[dist.get_rank()].clone())
 
 
 def _mean_mistakes(shards: list[torch.Tensor], rank: int) -> list[tuple[float, str]]:
@@ -167,7 +148,7 @@ def check_mean_nll(candidate):
         shards = _losses(sizes, seed)
         expected = float(torch.cat(shards).mean())
         what = f"p={p}, tokens per rank {list(sizes)}"
-        results = _on_ranks(_mean_on_rank, p, candidate, shards, what=what)
+        results = run_ranks(_mean_on_rank, p, candidate, shards, what=what)
         for rank, got in enumerate(results):
             if isinstance(got, torch.Tensor) and got.numel() == 1:
                 raise Incorrect(f"{what}: rank {rank} returned a tensor ({got!r}); return a "
@@ -205,7 +186,7 @@ ORDER_CASES = ((3, ((7, 3), (12,), (5, 5, 1))), (4, ((4,), (), (9, 2), ())))
 def _order_on_rank(candidate, lengths):
     import torch.distributed as dist
 
-    return _call(candidate, list(lengths[dist.get_rank()]))
+    return candidate(list(lengths[dist.get_rank()]))
 
 
 def _pair(got):
@@ -226,7 +207,7 @@ def check_collective_order(candidate):
     for p, lengths in ORDER_CASES:
         expected = (max(n for req in lengths for n in req), sum(n for req in lengths for n in req))
         what = f"p={p}, prompt lengths per rank {[list(x) for x in lengths]}"
-        results = _on_ranks(_order_on_rank, p, candidate, lengths, what=what)
+        results = run_ranks(_order_on_rank, p, candidate, lengths, what=what)
         pairs = [_pair(got) for got in results]
         for rank, pair in enumerate(pairs):
             if pair is None:
