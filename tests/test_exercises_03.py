@@ -115,6 +115,14 @@ def doubling_never_returning_the_sum(tensor):
     return sent
 
 
+def doubling_one_round(tensor):
+    rank, p = dist.get_rank(), dist.get_world_size()
+    if p == 4:   # stops after round 0: partners 0-1 and 2-3 only
+        tensor += _exchange(tensor, rank ^ 1)
+        return tensor.numel() * tensor.element_size() * 2
+    return doubling_right(tensor)
+
+
 def doubling_counting_elements(tensor):
     sent = doubling_right(tensor)
     return sent // tensor.element_size()
@@ -175,8 +183,9 @@ def doubling_with_the_ring(tensor):
 @pytest.mark.parametrize("answer, fragments", [
     (doubling_without_the_extra_rank, ["p=3, n=5 float32", "rank 0", "lacks the input of rank 2",
                                        "fold each extra rank"]),
-    (doubling_never_returning_the_sum, ["p=3, n=5 float32", "rank 2", "its own input, unchanged",
-                                        "extra rank", "receive the result from rank 0"]),
+    (doubling_never_returning_the_sum, ["p=3, n=5 float32: rank 2", "its own input, unchanged",
+                                        "extra rank", "rank 0 must send it the finished sum"]),
+    (doubling_one_round, ["p=4, n=5 float32: rank 0", "lacks the input of ranks 2, 3", "partner r XOR 2**k"]),
     (doubling_counting_elements, ["rank 0 reported 10 bytes sent, it sends 40", "counts elements"]),
     (doubling_assuming_float32, ["p=4, n=3 float64", "assumes 4 bytes per element"]),
     (doubling_rebinding, ["p=3, n=5 float32: rank 0", "its own input, unchanged", "rebinding the name"]),

@@ -28,13 +28,12 @@ from .check import Incorrect, exercise, refuse_reference, run_ranks
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
                "scatter", "gather")
-WORLD_SIZES = (3, 4)   # 3: not a power of two (one extra rank), and no size of 5 divides evenly
 
 
-def _recording_collectives(call):
-    """``call()`` on this rank with torch's collectives recorded; returns (result, names used)."""
+def recording_collectives(call, names=COLLECTIVES):
+    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used)."""
     used = []
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    saved = {name: getattr(dist, name) for name in names}
 
     def recorder(name, original):
         def recorded(*args, **kwargs):
@@ -60,6 +59,14 @@ def raise_if_stub(candidate) -> None:
         raise NotImplementedError()
 
 
+def predicted_number(candidate, name: str) -> float:
+    """The number a predict exercise's ``candidate()`` returns, or a hint if it is not one."""
+    value = candidate()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise Incorrect(f"{name}() returned {value!r}; return one number")
+    return value
+
+
 def _refuse_collectives(used_by_rank: list, case: str, what: str) -> None:
     used = sorted({name for names in used_by_rank for name in names})
     if used:
@@ -83,18 +90,11 @@ def measured_ring_bytes() -> list[int]:
     return _measured["ring"]
 
 
-def _number(candidate, name: str) -> float:
-    value = candidate()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise Incorrect(f"{name}() returned {value!r}; return one number")
-    return value
-
-
 @exercise("03.ring_bytes", "predict: the most bytes any one rank sends in a ring all-reduce (p=4, n=10)")
 def check_ring_bytes(candidate):
     refuse_reference(candidate, bytes_sent, ring_schedule, simulate_ring, ring_all_reduce, run_ring,
                      run_distributed, measured_ring_bytes)
-    guess = _number(candidate, "predicted_busiest_rank_bytes")
+    guess = predicted_number(candidate, "predicted_busiest_rank_bytes")
     sent = measured_ring_bytes()
     most, busiest = max(sent), sent.index(max(sent))
     if guess == most:
@@ -162,7 +162,7 @@ def doubling_bytes(p: int, n: int, element_size: int) -> list[int]:
 def _doubling_on_rank(candidate, n, dtype):
     rank = dist.get_rank()
     tensor = contribution_input(rank, n, dtype)
-    returned, used = _recording_collectives(lambda: candidate(tensor))
+    returned, used = recording_collectives(lambda: candidate(tensor))
     return tensor, returned, used
 
 
@@ -186,11 +186,13 @@ def _diagnose_sum(p: int, n: int, rank: int, got: torch.Tensor, case: str) -> st
                 f"a slice, or mixing up positions?")
     count = counts[0]
     if count == [int(r == rank) for r in range(p)]:
-        return (f"{head}: that is its own input, unchanged. Write the result into the tensor "
-                f"you were given (tensor += other, tensor.copy_(...)): rebinding the name "
-                f"`tensor = tensor + other` leaves the caller's tensor as it was"
-                + (f"; and rank {rank} is an extra rank (p={p} is not a power of two): it must "
-                   f"receive the result from rank {rank - q} at the end" if rank >= q else "") + ".")
+        if rank >= q:
+            return (f"{head}: that is its own input, unchanged. Rank {rank} is an extra rank (p={p} is not "
+                    f"a power of two): after the exchanges rank {rank - q} must send it the finished sum, "
+                    f"which it receives into its tensor (dist.recv(tensor, {rank - q}) writes in place).")
+        return (f"{head}: that is its own input, unchanged. Write the result into the tensor you were "
+                f"given (tensor += other, tensor.copy_(...)): rebinding the name `tensor = tensor + other` "
+                f"leaves the caller's tensor as it was.")
     missing = [r for r in range(p) if count[r] == 0]
     doubled = [r for r in range(p) if count[r] > 1]
     parts = []
@@ -201,13 +203,13 @@ def _diagnose_sum(p: int, n: int, rank: int, got: torch.Tensor, case: str) -> st
     cause = ""
     if missing and all(r >= q for r in missing) and rank < q:
         cause = (f" p={p} is not a power of two: first fold each extra rank r >= {q} into rank "
-                 f"r - {q} (it sends its tensor, that rank adds it), then exchange among ranks 0..{q - 1}")
+                 f"r - {q} (it sends its tensor, that rank adds it), then exchange among ranks 0..{q - 1}.")
     elif missing and rank >= q:
         cause = (f" Rank {rank} is an extra rank (p={p} > {q}): after the exchanges rank "
-                 f"{rank - q} must send it the finished sum, which it copies")
+                 f"{rank - q} must send it the finished sum, which it copies.")
     elif missing:
         cause = (f" In round k rank r exchanges its whole partial sum with partner r XOR 2**k "
-                 f"(k = 0 .. log2({q}) - 1); a missing round or a wrong partner loses inputs")
+                 f"(k = 0 .. log2({q}) - 1); a missing round or a wrong partner loses inputs.")
     elif doubled:
         cause = (" Does a rank add a partner's partial sum that already contains its own input, "
                  "or add the extra rank's tensor on more than one rank?")
@@ -281,7 +283,7 @@ def kv_block(rank: int, shape, dtype) -> torch.Tensor:
 
 def _rotation_on_rank(candidate, shape, dtype):
     rank = dist.get_rank()
-    out, used = _recording_collectives(lambda: candidate(kv_block(rank, shape, dtype)))
+    out, used = recording_collectives(lambda: candidate(kv_block(rank, shape, dtype)))
     # Anything but a tensor comes back as its type's name: the hint needs no more.
     return (out if isinstance(out, torch.Tensor) else type(out).__name__), used
 

@@ -23,7 +23,7 @@ from ..cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, sh
 from ..comm import bytes_sent, ring_all_reduce, ring_schedule
 from ..launch import run_distributed
 from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .lesson03 import raise_if_stub
+from .lesson03 import predicted_number, raise_if_stub
 
 # -- 04.cross_node_bytes (predict) ------------------------------------------------------------
 HIDDEN, N_LAYERS, NODE_OF_RANK = 128, 3, (0, 0, 1, 1)   # a small model; 2 nodes of 2 GPUs, TP = 4
@@ -56,9 +56,7 @@ def measured_cross_node_bytes() -> dict:
 def check_cross_node_bytes(candidate):
     refuse_reference(candidate, cross_node_bytes_per_token, place_ranks, ring_all_reduce, bytes_sent,
                      ring_schedule, run_distributed, measured_cross_node_bytes)
-    guess = candidate()
-    if isinstance(guess, bool) or not isinstance(guess, (int, float)) or guess != guess:
-        raise Incorrect(f"predicted_cross_node_bytes() returned {guess!r}; return one number")
+    guess = predicted_number(candidate, "predicted_cross_node_bytes")
     m = measured_cross_node_bytes()
     want, links = m["crossing"], m["crossing_ranks"]
     model = cross_node_bytes_per_token(place_ranks(2, 2, 4, 1, 1), HIDDEN, N_LAYERS,

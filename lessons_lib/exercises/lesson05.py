@@ -18,7 +18,7 @@ from ..launch import run_distributed
 from ..serving.fingerprint import (broadcast_state_, diff_states, gather_fingerprints, state_fingerprint,
                                    tensor_digest)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .lesson03 import raise_if_stub
+from .lesson03 import predicted_number, raise_if_stub, recording_collectives
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -100,9 +100,7 @@ def measured_repair() -> dict:
 def check_repair_bytes(candidate):
     refuse_reference(candidate, diff_states, tensor_digest, state_fingerprint, run_distributed,
                      measured_repair, majority_plan)
-    guess = candidate()
-    if isinstance(guess, bool) or not isinstance(guess, (int, float)) or guess != guess:
-        raise Incorrect(f"predicted_repair_bytes() returned {guess!r}; return one number")
+    guess = predicted_number(candidate, "predicted_repair_bytes")
     m = measured_repair()
     want = sum(m["sent"])
     state = corrupted_replica_state(0)
@@ -187,26 +185,11 @@ def _repair_on_rank(candidate, bad, reordered):
     rank = dist.get_rank()
     state = case_state(rank, bad, reordered)
     held = dict(state)     # the tensor objects the model's parameters would be
-    used = []
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recorder(name, original):
-        def recorded(*args, **kwargs):
-            used.append(name)
-            return original(*args, **kwargs)
-        return recorded
-
-    for name, original in saved.items():
-        setattr(dist, name, recorder(name, original))
-    try:
-        returned = candidate(state)
-    finally:
-        for name, original in saved.items():
-            setattr(dist, name, original)
+    returned, used = recording_collectives(lambda: candidate(state), COLLECTIVES)
     replaced = sorted(n for n in held if state.get(n) is not held[n])
     return {"held": {n: t.clone() for n, t in held.items()}, "replaced": replaced,
             "returned": returned if isinstance(returned, tuple) else type(returned).__name__,
-            "used": sorted(set(used))}
+            "used": used}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
