@@ -15,6 +15,7 @@ each rank's tensor was counted, and the hint can name the rank that is missing o
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -221,7 +222,7 @@ def _diagnose_bytes(p, n, dtype, reported, case) -> str | None:
     want = doubling_bytes(p, n, size)
     q = 1 << (p.bit_length() - 1)
     for rank, (got, exp) in enumerate(zip(reported, want)):
-        if isinstance(got, bool) or not isinstance(got, int):
+        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
             return (f"{case}: rank {rank} returned {got!r}; return the number of bytes this rank "
                     f"sent, an int (numel x element_size of every tensor it sent)")
         if got == exp:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import tempfile
 from pathlib import Path
 
@@ -141,9 +142,9 @@ def _as_devices(got, n_ranks: int, args: str) -> list[tuple[int, int]]:
     if len(devices) != n_ranks:
         raise Incorrect(f"{args} returned {len(devices)} devices; the plan has tp·pp·dp = {n_ranks} ranks")
     for dev in devices:
-        if len(dev) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in dev):
+        if len(dev) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in dev):
             raise Incorrect(f"{args} returned {got!r}; each entry is a (node, device) pair of ints")
-    return devices
+    return [(int(node), int(device)) for node, device in devices]
 
 
 def _check_valid(devices, nodes, per_node, args: str) -> None:
@@ -291,6 +292,9 @@ def _diagnose_shards(results, full: dict, tp: int, case: str) -> None:
             got = state[name]
             if not isinstance(got, torch.Tensor):
                 raise Incorrect(f"{case}: rank {rank}'s {name} is a {got}, not a tensor")
+            if got.dtype != full[name].dtype:
+                raise Incorrect(f"{case}: rank {rank}'s {name} is {got.dtype}; the file holds "
+                                f"{full[name].dtype}: load the slice as it is stored")
             want, what = _expected_slice(name, full[name], tp, rank)
             if got.shape == want.shape and torch.equal(got, want):
                 continue
@@ -306,7 +310,7 @@ def _diagnose_shards(results, full: dict, tp: int, case: str) -> None:
                          "(view[a:b]): whole heads, MLP channels or vocabulary rows per rank")
             raise Incorrect(f"{head}: {cause}.")
         want_read = sum(_expected_slice(n, full[n], tp, rank)[0].numel() * 4 for n in full)
-        if isinstance(read, bool) or not isinstance(read, int):
+        if isinstance(read, bool) or not isinstance(read, numbers.Integral):
             raise Incorrect(f"{case}: rank {rank} reported bytes_read={read!r}; return an int")
         if read != want_read:
             cause = ("that counts elements; bytes are numel x element_size (4 for float32)"

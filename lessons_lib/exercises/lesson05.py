@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -249,7 +250,7 @@ def _diagnose_repair(p, bad, reordered, label, results) -> None:
     for rank, res in enumerate(results):
         returned = res["returned"]
         if (not isinstance(returned, tuple) or len(returned) != 2 or isinstance(returned[0], bool)
-                or not isinstance(returned[0], int) or not isinstance(returned[1], list)):
+                or not isinstance(returned[0], numbers.Integral) or not isinstance(returned[1], list)):
             raise Incorrect(f"{case}: rank {rank} returned {returned!r}; return (bytes_sent, undecided): an "
                             f"int and the sorted list of names without a majority")
         sent, names = returned
