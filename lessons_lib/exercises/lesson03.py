@@ -1,59 +1,346 @@
-"""Checkers for notebook 03 (communication)."""
+"""Checkers for notebook 03 (communication).
 
-from ..comm.schedule import bytes_sent, ring_schedule
-from ..launch import DistributedError, run_distributed
-from .check import Incorrect, exercise
+- ``03.ring_bytes`` (predict): the most bytes one rank sends in a ring all-reduce of a size the
+  ranks do not divide, measured on four real ranks with the library's ring;
+- ``03.recursive_doubling`` (build): an all-reduce by recursive doubling from send/recv, for a
+  number of ranks that need not be a power of two, returning the bytes each rank sent;
+- ``03.kv_rotation`` (stretch): ring attention's rotation of KV blocks, given as code that
+  deadlocks (and hides a second bug), to be fixed.
 
-SIZES = (12, 13)   # one divisible by 2, 3 and 4; one divisible by none of them
+All-reduce results are decoded rather than only compared: rank ``r`` contributes
+``16**r * (i + 1)`` to element ``i``, so the base-16 digits of a result say how many times
+each rank's tensor was counted, and the hint can name the rank that is missing or doubled.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+
+from ..comm import bytes_sent, ring_all_reduce, ring_schedule, run_ring, simulate_ring, tree_broadcast
+from ..launch import run_distributed
+from .check import Incorrect, exercise, refuse_reference, run_ranks
+
+# Collectives an answer built from send/recv must not call. Each is replaced on the ranks by a
+# recorder that still runs it, so the other ranks are not left waiting and the hint can name it.
+COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+               "scatter", "gather")
 
 
-def _run_candidate(candidate, sizes):
-    """On every rank: the candidate's result and bytes, next to torch's all-reduce of the same data."""
-    import torch
-    import torch.distributed as dist
+def recording_collectives(call, names=COLLECTIVES):
+    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used)."""
+    used = []
+    saved = {name: getattr(dist, name) for name in names}
 
-    def forbidden(*args, **kwargs):
-        raise RuntimeError("build the all-reduce from send/recv (isend/irecv); "
-                           "dist.all_reduce and dist.reduce_scatter are not allowed here")
+    def recorder(name, original):
+        def recorded(*args, **kwargs):
+            used.append(name)
+            return original(*args, **kwargs)
+        return recorded
 
-    rank = dist.get_rank()
-    references, outcomes = [], []
-    for n in sizes:
-        x = torch.arange(n, dtype=torch.float32) * (rank + 1) + rank
-        reference = x.clone()
-        dist.all_reduce(reference)
-        references.append(reference)
-    saved = dist.all_reduce, dist.reduce_scatter, dist.reduce_scatter_tensor
-    dist.all_reduce = dist.reduce_scatter = dist.reduce_scatter_tensor = forbidden
+    for name, original in saved.items():
+        setattr(dist, name, recorder(name, original))
     try:
-        for n in sizes:
-            x = torch.arange(n, dtype=torch.float32) * (rank + 1) + rank
-            sent = candidate(x)
-            outcomes.append((x, sent))
+        result = call()
     finally:
-        dist.all_reduce, dist.reduce_scatter, dist.reduce_scatter_tensor = saved
-    return [(x, sent, ref) for (x, sent), ref in zip(outcomes, references)]
+        for name, original in saved.items():
+            setattr(dist, name, original)
+    return result, sorted(set(used))
 
 
-@exercise("03.ring_all_reduce", "ring all-reduce from send/recv, counting bytes sent")
-def check_ring_all_reduce(candidate):
-    import torch
+def raise_if_stub(candidate) -> None:
+    """Say "not attempted" for a stub before any rank runs it: an exception on the ranks stops
+    them, and the next check would wait for fresh ones."""
+    code = getattr(candidate, "__code__", None)
+    if code is not None and set(code.co_names) == {"NotImplementedError"}:
+        raise NotImplementedError()
 
-    for p in (2, 3, 4):
-        try:
-            results = run_distributed(_run_candidate, p, candidate, SIZES, timeout=30)
-        except DistributedError as exc:
-            if exc.remote_traceback and "are not allowed here" in exc.remote_traceback:
-                raise Incorrect(exc.remote_traceback.strip().splitlines()[-1].split(": ", 1)[-1]) from None
-            raise
-        for rank, per_size in enumerate(results):
-            for n, (got, sent, ref) in zip(SIZES, per_size):
-                if not torch.allclose(got, ref):
-                    raise Incorrect(f"p={p}, n={n}: rank {rank} holds {got.tolist()}, expected the sum "
-                                    f"{ref.tolist()}. Is the reduction done in place on the input tensor?")
-                expected = bytes_sent(ring_schedule(p, "all_reduce"), n, p, 4)[rank]
-                if sent != expected:
-                    raise Incorrect(f"p={p}, n={n} float32 elements: rank {rank} reported {sent!r} bytes sent, "
-                                    f"the ring sends {expected}. Count numel x element_size of every chunk "
-                                    f"you send, in both phases (chunks sized like torch.tensor_split).")
-    return "equal to dist.all_reduce at p = 2, 3, 4 (n = 12 and 13), with exact byte counts"
+
+def predicted_number(candidate, name: str) -> float:
+    """The number a predict exercise's ``candidate()`` returns, or a hint if it is not one."""
+    value = candidate()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise Incorrect(f"{name}() returned {value!r}; return one number")
+    return value
+
+
+def _refuse_collectives(used_by_rank: list, case: str, what: str) -> None:
+    used = sorted({name for names in used_by_rank for name in names})
+    if used:
+        raise Incorrect(f"{case}: your code calls dist.{', dist.'.join(used)}; {what} is to be built "
+                        f"from point-to-point messages only (send/recv, isend/irecv, batch_isend_irecv)")
+
+
+# -- 03.ring_bytes (predict) ------------------------------------------------------------------
+RING_P, RING_N = 4, 10     # chunks of 3, 3, 2, 2 float32 elements
+_measured: dict = {}
+
+
+def _ring_bytes_on_rank(n: int) -> int:
+    return ring_all_reduce(torch.zeros(n, dtype=torch.float32))
+
+
+def measured_ring_bytes() -> list[int]:
+    """Bytes each of 4 real ranks sends in the library's ring all-reduce of 10 float32 elements."""
+    if "ring" not in _measured:
+        _measured["ring"] = run_distributed(_ring_bytes_on_rank, RING_P, RING_N, timeout=60)
+    return _measured["ring"]
+
+
+@exercise("03.ring_bytes", "predict: the most bytes any one rank sends in a ring all-reduce (p=4, n=10)")
+def check_ring_bytes(candidate):
+    refuse_reference(candidate, bytes_sent, ring_schedule, simulate_ring, ring_all_reduce, run_ring,
+                     run_distributed, measured_ring_bytes)
+    guess = predicted_number(candidate, "predicted_busiest_rank_bytes")
+    sent = measured_ring_bytes()
+    most, busiest = max(sent), sent.index(max(sent))
+    if guess == most:
+        return (f"measured on 4 ranks: {sent} bytes; rank {busiest} sends the most, {most} "
+                f"(exactly as predicted)")
+    p, n, size = RING_P, RING_N, 4
+    average = 2 * (p - 1) * n * size // p
+    told = f"you predicted {guess:g} bytes; measured on 4 ranks the busiest rank (rank {busiest}) sends {most}"
+    known = {
+        average: "that is the average 2(p-1)/p · n · 4: right when p divides n, but 10 elements make "
+                 "chunks of 3, 3, 2, 2, and a rank sends every chunk but one in each phase",
+        min(sent): "that is the fewest any rank sends (rank "
+                   f"{sent.index(min(sent))}); the question asks for the busiest rank",
+        2 * (p - 1) * 3 * size: "that counts every chunk as 3 elements (rounded up); "
+                                "torch.tensor_split sizes are 3, 3, 2, 2",
+        2 * (p - 1) * 2 * size: "that counts every chunk as 2 elements (rounded down); "
+                                "torch.tensor_split sizes are 3, 3, 2, 2",
+        most // 2: "that is one phase only: the ring sends p-1 chunks in reduce-scatter and p-1 "
+                   "more in all-gather",
+        most // size: "that is elements, not bytes: a float32 element is 4 bytes",
+        most * 8: "that is bits, not bytes",
+        2 * n * size: "that sends every chunk in both phases (p steps each): a phase has p-1 steps, "
+                      "so each rank skips one chunk per phase",
+        2 * (p - 1) * n * size: "that is the total over all 4 ranks, not one rank's share",
+        n * size: "that is the tensor once; an all-reduce moves it twice (reduce-scatter, then all-gather)",
+    }
+    if guess in known:
+        raise Incorrect(f"{told}: {known[guess]}.")
+    direction = "too low" if guess < most else "too high"
+    raise Incorrect(f"{told}: {direction}. In reduce-scatter rank r sends every chunk except chunk r, "
+                    f"in all-gather every chunk except chunk (r+1) % p; chunks are sized like "
+                    f"torch.tensor_split.")
+
+
+# -- 03.recursive_doubling (build) -------------------------------------------------------------
+DOUBLING_CASES = [(3, 5, torch.float32), (4, 5, torch.float32), (4, 3, torch.float64),
+                  (3, 1, torch.float32), (4, 0, torch.float32)]
+
+
+def contribution_input(rank: int, n: int, dtype) -> torch.Tensor:
+    """Rank ``rank``'s input: element ``i`` is ``16**rank * (i + 1)`` (exact in float32 for 4 ranks)."""
+    return torch.arange(1, n + 1, dtype=dtype) * 16 ** rank
+
+
+def contributions(value: float, index: int, p: int) -> list[int] | None:
+    """How many times each rank's input is counted in element ``index``, or None if it is no such sum."""
+    scaled = value / (index + 1)
+    if not math.isfinite(scaled) or scaled < 0 or scaled != int(scaled):
+        return None
+    whole, digits = int(scaled), []
+    for _ in range(p):
+        whole, digit = divmod(whole, 16)
+        digits.append(digit)
+    return digits if whole == 0 else None
+
+
+def doubling_bytes(p: int, n: int, element_size: int) -> list[int]:
+    """Bytes each rank sends in the recursive-doubling all-reduce described in the exercise."""
+    q = 1 << (p.bit_length() - 1)          # the largest power of two <= p
+    rounds = q.bit_length() - 1
+    whole = n * element_size
+    return [whole if r >= q else (rounds + (r + q < p)) * whole for r in range(p)]
+
+
+def _doubling_on_rank(candidate, n, dtype):
+    rank = dist.get_rank()
+    tensor = contribution_input(rank, n, dtype)
+    returned, used = recording_collectives(lambda: candidate(tensor))
+    return tensor, returned, used
+
+
+def _names(ranks) -> str:
+    ranks = sorted(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _diagnose_sum(p: int, n: int, rank: int, got: torch.Tensor, case: str) -> str | None:
+    """A hint for a wrong all-reduce result on ``rank``, or None if it is the sum."""
+    q = 1 << (p.bit_length() - 1)
+    want = sum(contribution_input(r, n, got.dtype) for r in range(p))
+    if torch.equal(got, want):
+        return None
+    head = f"{case}: rank {rank} holds {got.tolist()}, expected the sum {want.tolist()}"
+    if torch.allclose(got * p, want):
+        return f"{head}: the sum divided by p. An all-reduce here sums (ReduceOp.SUM); it does not average."
+    counts = [contributions(float(v), i, p) for i, v in enumerate(got.tolist())]
+    if any(c is None for c in counts) or any(c != counts[0] for c in counts):
+        return (f"{head}: the elements are not a sum of whole input tensors. Are you adding into "
+                f"a slice, or mixing up positions?")
+    count = counts[0]
+    if count == [int(r == rank) for r in range(p)]:
+        if rank >= q:
+            return (f"{head}: that is its own input, unchanged. Rank {rank} is an extra rank (p={p} is not "
+                    f"a power of two): after the exchanges rank {rank - q} must send it the finished sum, "
+                    f"which it receives into its tensor (dist.recv(tensor, {rank - q}) writes in place).")
+        return (f"{head}: that is its own input, unchanged. Write the result into the tensor you were "
+                f"given (tensor += other, tensor.copy_(...)): rebinding the name `tensor = tensor + other` "
+                f"leaves the caller's tensor as it was.")
+    missing = [r for r in range(p) if count[r] == 0]
+    doubled = [r for r in range(p) if count[r] > 1]
+    parts = []
+    if missing:
+        parts.append(f"it lacks the input of {_names(missing)}")
+    if doubled:
+        parts.append(f"it counts {_names(doubled)} more than once")
+    cause = ""
+    if missing and all(r >= q for r in missing) and rank < q:
+        cause = (f" p={p} is not a power of two: first fold each extra rank r >= {q} into rank "
+                 f"r - {q} (it sends its tensor, that rank adds it), then exchange among ranks 0..{q - 1}.")
+    elif missing and rank >= q:
+        cause = (f" Rank {rank} is an extra rank (p={p} > {q}): after the exchanges rank "
+                 f"{rank - q} must send it the finished sum, which it copies.")
+    elif missing:
+        cause = (f" In round k rank r exchanges its whole partial sum with partner r XOR 2**k "
+                 f"(k = 0 .. log2({q}) - 1); a missing round or a wrong partner loses inputs.")
+    elif doubled:
+        cause = (" Does a rank add a partner's partial sum that already contains its own input, "
+                 "or add the extra rank's tensor on more than one rank?")
+    return f"{head}: {' and '.join(parts)}.{cause}"
+
+
+def _diagnose_bytes(p, n, dtype, reported, case) -> str | None:
+    size = torch.empty(0, dtype=dtype).element_size()
+    want = doubling_bytes(p, n, size)
+    q = 1 << (p.bit_length() - 1)
+    for rank, (got, exp) in enumerate(zip(reported, want)):
+        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
+            return (f"{case}: rank {rank} returned {got!r}; return the number of bytes this rank "
+                    f"sent, an int (numel x element_size of every tensor it sent)")
+        if got == exp:
+            continue
+        head = f"{case}: rank {rank} reported {got} bytes sent, it sends {exp}"
+        if exp and got * size == exp:
+            return f"{head}: that counts elements; bytes are numel x tensor.element_size() ({size} here)."
+        if exp and got == exp * 8:
+            return f"{head}: that counts bits; count bytes."
+        if exp and size == 8 and got * 2 == exp:
+            return (f"{head}: that assumes 4 bytes per element, but this tensor is {dtype} "
+                    f"({size} bytes each): use tensor.element_size().")
+        ring = 2 * (p - 1) * n * size // p
+        if got == ring and ring != exp:
+            return (f"{head}: that is the ring's 2(p-1)/p · n count; recursive doubling sends the "
+                    f"whole tensor in every message.")
+        role = (f"rank {rank} is an extra rank: it sends its tensor once, to rank {rank - q}"
+                if rank >= q else
+                f"rank {rank} sends its whole tensor in each of the log2({q}) = {q.bit_length() - 1} "
+                f"rounds" + (f", and once more to extra rank {rank + q}" if rank + q < p else ""))
+        return f"{head}: {role}."
+    return None
+
+
+@exercise("03.recursive_doubling", "build: an all-reduce by recursive doubling from send/recv")
+def check_recursive_doubling(candidate):
+    refuse_reference(candidate, ring_all_reduce, run_ring, tree_broadcast, doubling_bytes)
+    raise_if_stub(candidate)
+    for p, n, dtype in DOUBLING_CASES:
+        kind = str(dtype).replace("torch.", "")
+        case = f"p={p}, n={n} {kind}"
+        results = run_ranks(_doubling_on_rank, p, candidate, n, dtype, what=case)
+        _refuse_collectives([used for _, _, used in results], case, "the all-reduce")
+        for rank, (got, _, _) in enumerate(results):
+            if got.dtype != dtype or got.shape != (n,):
+                raise Incorrect(f"{case}: rank {rank}'s tensor became {got.dtype} of shape {tuple(got.shape)}; "
+                                f"sum in place, keeping dtype and shape")
+            hint = _diagnose_sum(p, n, rank, got, case)
+            if hint:
+                raise Incorrect(hint)
+        hint = _diagnose_bytes(p, n, dtype, [sent for _, sent, _ in results], case)
+        if hint:
+            raise Incorrect(hint)
+    return ("equal to the sum on every rank at p = 3 (an extra rank) and 4, for 5, 3, 1 and 0 "
+            "elements, float32 and float64, with exact byte counts")
+
+
+# -- 03.kv_rotation (stretch) ------------------------------------------------------------------
+ROTATION_CASES = [(3, (2, 3), torch.float32), (4, (1, 2), torch.float64), (4, (0, 2), torch.float32)]
+
+
+def kv_block(rank: int, shape, dtype) -> torch.Tensor:
+    """Rank ``rank``'s KV block: ``1000 * (rank + 1)`` plus the element's position, so every block differs."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    return (torch.arange(numel, dtype=dtype) + 1000 * (rank + 1)).reshape(shape)
+
+
+def _rotation_on_rank(candidate, shape, dtype):
+    rank = dist.get_rank()
+    out, used = recording_collectives(lambda: candidate(kv_block(rank, shape, dtype)))
+    # Anything but a tensor comes back as its type's name: the hint needs no more.
+    return (out if isinstance(out, torch.Tensor) else type(out).__name__), used
+
+
+def _whose(block: torch.Tensor, p: int, shape, dtype) -> int | str:
+    if not block.numel() or bool((block == 0).all()):
+        return "nothing"
+    for k in range(p):
+        if torch.equal(block, kv_block(k, shape, dtype)):
+            return k
+    return "none of the blocks"
+
+
+def _diagnose_rotation(p, shape, dtype, rank, out, case) -> str | None:
+    want_shape = (p, *shape)
+    if not isinstance(out, torch.Tensor):
+        return (f"{case}: rank {rank} returned a {out}; return one tensor of shape "
+                f"{want_shape}: position j holds rank j's block (torch.stack of the blocks in rank order)")
+    if tuple(out.shape) != want_shape:
+        return (f"{case}: rank {rank} returned shape {tuple(out.shape)}, expected {want_shape}: "
+                f"one block per rank, stacked along a new first dimension")
+    if out.dtype != dtype:
+        return (f"{case}: rank {rank} returned {out.dtype}, the blocks are {dtype}: allocate the "
+                f"result with dtype=block.dtype")
+    held = [_whose(out[j], p, shape, dtype) for j in range(p)]
+    for j, k in enumerate(held):
+        if k == j or (k == "nothing" and out[j].numel() == 0):
+            continue
+        what = k if isinstance(k, str) else f"rank {k}'s block"
+        head = f"{case}: on rank {rank}, position {j} should hold rank {j}'s block but holds {what}"
+        if j == rank:
+            cause = ("its own block was overwritten: at step s (s = 0 .. p-2) the block that "
+                     "arrives started on rank (rank - s - 1) % p, one further back than (rank - s) % p")
+        elif isinstance(k, int) and held.count(k) > 1:
+            cause = (f"rank {k}'s block was stored twice: at each step forward the block you just "
+                     f"received, not your own, so the next rank gets a new one")
+        elif isinstance(k, int) and k == (j - 1) % p:
+            cause = ("the blocks are stored one position off: the block received at step s started "
+                     "on rank (rank - s - 1) % p")
+        elif k == "nothing":
+            cause = "it was never filled: every rank must receive p - 1 blocks, one per step"
+        else:
+            cause = "each step passes one block from rank r to rank (r + 1) % p"
+        return f"{head}; {cause}."
+    return None
+
+
+@exercise("03.kv_rotation", "stretch: fix the ring rotation of KV blocks (it deadlocks)")
+def check_kv_rotation(candidate):
+    raise_if_stub(candidate)
+    for p, shape, dtype in ROTATION_CASES:
+        case = f"p={p}, blocks of shape {shape} {str(dtype).replace('torch.', '')}"
+        results = run_ranks(_rotation_on_rank, p, candidate, shape, dtype, what=case)
+        _refuse_collectives([used for _, used in results], case, "the rotation")
+        for rank, (out, _) in enumerate(results):
+            hint = _diagnose_rotation(p, shape, dtype, rank, out, case)
+            if hint:
+                raise Incorrect(hint)
+    return "every rank gathers every block in rank order at p = 3 and 4, empty blocks included, without deadlock"
