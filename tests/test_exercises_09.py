@@ -123,6 +123,11 @@ def int4_per_row_vector(w, group_size):
     return torch.round(w / (amax[:, None] / 7)).clamp(-7, 7).to(torch.int8), amax / 7
 
 
+def int4_bfloat16_scales(w, group_size):
+    q, scales = quantize_int4_right(w, group_size)
+    return q, scales.to(torch.bfloat16)
+
+
 def int4_from_library(w, group_size):
     from lessons_lib.compression import quantize_int4
     return quantize_int4(w, group_size, scale_dtype=torch.float32)
@@ -137,6 +142,7 @@ def int4_from_library(w, group_size):
     (int4_minus_eight, ["[-8, 7]", "clamp to [-7, 7]"]),
     (int4_with_int8_codes, ["int8 codes"]),
     (int4_per_row_vector, ["shape (4,)", "expected (4, 2)", "one scale per row"]),
+    (int4_bfloat16_scales, ["dtype torch.bfloat16", "float32"]),
 ])
 def test_quantize_int4_wrong_answers(answer, fragments):
     assert_hint("09.quantize_int4", answer, *fragments)

@@ -191,6 +191,12 @@ class SharesPartialBlocks(PrefixBlocks):
         return out
 
 
+class ReturnsSharedBlockCount(PrefixBlocks):
+    def admit(self, tokens):
+        table, reused = super().admit(tokens)
+        return table, reused // self.block_size
+
+
 class UsesLibraryHashes(PrefixBlocks):
     def hashes(self, tokens):
         from lessons_lib.caching import block_hashes
@@ -212,6 +218,7 @@ class UsesLibraryHashes(PrefixBlocks):
     (NoReferenceCounts, ["still holds it", "count a reference per holder"]),
     (KeepsHashOnEviction, ["but it now holds", "forget its old hash"]),
     (SharesPartialBlocks, ["admit(A' = A + [9], 14 tokens): reused 16 tokens", "only full blocks"]),
+    (ReturnsSharedBlockCount, ["returned reused = 3, expected 12", "number of shared blocks"]),
 ])
 def test_prefix_blocks_wrong_answers(answer, fragments):
     assert_hint("10.prefix_blocks", answer, *fragments)
@@ -304,6 +311,10 @@ def append_ignoring_seq_len(pool_k, pool_v, allocator, block_table, seq_len, k, 
     return seq_len + k.shape[0]
 
 
+def append_to_a_copy(pool_k, pool_v, allocator, block_table, seq_len, k, v):
+    return append_right(pool_k, pool_v, allocator, list(block_table), seq_len, k, v)
+
+
 def append_through_library(pool_k, pool_v, allocator, block_table, seq_len, k, v):
     from lessons_lib.caching import PagedSequenceCache
     PagedSequenceCache
@@ -311,14 +322,15 @@ def append_through_library(pool_k, pool_v, allocator, block_table, seq_len, k, v
 
 
 @pytest.mark.parametrize("answer, fragments", [
-    (append_as_given, ["prefill of 6 tokens", "raised IndexError", "had 1 blocks for 6 tokens", "not floor"]),
+    (append_as_given, ["prefill of 6 tokens", "raised IndexError", "had 1 block for 6 tokens", "not floor"]),
     (append_swapped, ["raised IndexError", "is a block index", "table[pos // block_size]"]),
-    (append_leaks, ["1 free block", "left 1 block(s) taken", "a leak"]),
+    (append_leaks, ["a pool with 1 block free", "left 1 block taken", "a leak"]),
     (append_new_block_every_call, ["decode into the partly filled block", "need 2 blocks",
                                    "had room for 2 more tokens"]),
     (append_values_from_keys, ["position 0", "pool_v holds its key"]),
     (append_ignoring_seq_len, ["decode into the partly filled block", "position 0",
                                "an earlier token was overwritten", "start at position seq_len"]),
+    (append_to_a_copy, ["2 blocks taken from the allocator", "block_table is still []", "in place"]),
 ])
 def test_append_kv_wrong_answers(answer, fragments):
     assert_hint("10.append_kv", answer, *fragments)

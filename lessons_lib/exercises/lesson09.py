@@ -13,6 +13,9 @@ import torch.nn as nn
 from ..compression import quantization
 from ..compression.quantization import (Int4Linear, dequantize_int4, linear_weight_bytes,
                                         quantize_int4, quantize_model)
+from ..comm.schedule import chunk_bounds
+from ..parallel.data import row_range, split_sizes
+from ..parallel.tensor import shard_indices
 from .check import Incorrect, exercise, refuse_reference, run_ranks
 
 PREDICT_TOLERANCE = 0.01     # a prediction within 1% of the measurement is correct
@@ -170,6 +173,10 @@ def _check_int4(candidate, case: str, w: torch.Tensor, g: int) -> None:
     if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
         raise Incorrect(f"{case}: scales must be a floating-point tensor; got "
                         f"{getattr(scales, 'dtype', type(scales).__name__)}")
+    if scales.dtype in (torch.bfloat16, torch.float16):
+        raise Incorrect(f"{case}: scales has dtype {scales.dtype}; return them in float32. A 16-bit "
+                        "scale is rounded (bfloat16 keeps 8 significant bits), so it is no longer "
+                        "max|w| / 7, and a code computed from the unrounded scale may miss the bound")
     want = (out, n // g)
     if tuple(scales.shape) != want:
         shape = tuple(scales.shape)
@@ -272,11 +279,11 @@ def _check_shards(case: str, q, scales, g: int, world: int, results) -> None:
             raise NotImplementedError()
         if failure:
             raise Incorrect(f"{case}: rank {rank} raised {failure}")
-        if not (isinstance(shard, tuple) and len(shard) == 3):
+        if not (isinstance(shard, (tuple, list)) and len(shard) == 3):
             raise Incorrect(f"{case}: rank {rank} returned {type(shard).__name__}; return "
                             "(q_shard, scales_shard, (start, stop))")
         q_s, s_s, span = shard
-        if not (isinstance(span, tuple) and len(span) == 2
+        if not (isinstance(span, (tuple, list)) and len(span) == 2
                 and all(isinstance(v, numbers.Integral) for v in span)):
             raise Incorrect(f"{case}: rank {rank}'s third value is {span!r}; return the input "
                             "columns it holds as a pair of ints (start, stop)")
@@ -334,7 +341,8 @@ def _check_shards(case: str, q, scales, g: int, world: int, results) -> None:
 
 @exercise("09.int4_row_shard", "stretch: fix the shards of a row-parallel int4 layer")
 def check_int4_row_shard(candidate):
-    refuse_reference(candidate, quantize_int4, dequantize_int4, Int4Linear, quantize_model)
+    refuse_reference(candidate, quantize_int4, dequantize_int4, Int4Linear, quantize_model,
+                     shard_indices, chunk_bounds, row_range, split_sizes)
     for n, g, world in SHARD_CASES:
         q, scales, x = _shard_case(n, g)
         case = f"in_features={n}, group_size={g} ({n // g} groups) on {world} ranks"

@@ -313,6 +313,10 @@ def _check_scenario(candidate, num_blocks: int, steps, plausible: set) -> None:
         if not isinstance(reused, numbers.Integral) or isinstance(reused, bool):
             raise Incorrect(f"{story}, {call}: reused must be an int (tokens taken from the cache); got {reused!r}")
         reused = int(reused)
+        if reused != expected and reused * BS == expected:
+            raise Incorrect(f"{story}, {call}: returned reused = {reused}, expected {expected}: that is "
+                            "the number of shared blocks; return the tokens they hold, "
+                            "block_size x shared blocks")
         if reused > len(tokens) // BS * BS:
             raise Incorrect(f"{story}, {call}: reused {reused} tokens, but its {len(tokens)} tokens fill "
                             f"only {len(tokens) // BS} blocks of {BS}: the last, partly filled block "
@@ -377,6 +381,10 @@ def check_prefix_blocks(candidate):
 HEADS, HEAD_DIM, POOL_BLOCKS = 2, 3, 8
 
 
+def _blocks(n: int) -> str:
+    return f"{n} block" + ("" if n == 1 else "s")
+
+
 def _token_kv(position: int) -> tuple[torch.Tensor, torch.Tensor]:
     base = torch.arange(HEADS * HEAD_DIM, dtype=torch.float32).view(HEADS, HEAD_DIM) / 100
     return base + 1000 + position, -(base + 1000 + position)
@@ -392,7 +400,8 @@ def _append_case(candidate, pool_k, pool_v, allocator, table, seq_len, n, what):
     k = torch.stack([kv[0] for kv in pairs]) if pairs else torch.zeros(0, HEADS, HEAD_DIM)
     v = torch.stack([kv[1] for kv in pairs]) if pairs else torch.zeros(0, HEADS, HEAD_DIM)
     free_before, blocks_before = allocator.num_free, list(table)
-    case = f"{what} (block_size {BS}, table {blocks_before}, seq_len {seq_len}, {n} new tokens)"
+    case = (f"{what} (block_size {BS}, table {blocks_before}, seq_len {seq_len}, {n} new "
+            f"token{'' if n == 1 else 's'})")
     try:
         new_len = candidate(pool_k, pool_v, allocator, table, seq_len, k, v)
     except NotImplementedError:
@@ -400,10 +409,10 @@ def _append_case(candidate, pool_k, pool_v, allocator, table, seq_len, n, what):
     except IndexError as exc:
         need = blocks_needed(seq_len + n, BS)
         if len(table) < need:
-            raise Incorrect(f"{case}: raised IndexError: {exc}. The table had {len(table)} blocks for "
+            raise Incorrect(f"{case}: raised IndexError: {exc}. The table had {_blocks(len(table))} for "
                             f"{seq_len + n} tokens: a partly filled last block needs a block too, so the "
                             f"table needs ceil((seq_len + n) / block_size) = {need} blocks, not floor") from None
-        raise Incorrect(f"{case}: raised IndexError: {exc}. The table has the {need} blocks it needs, so "
+        raise Incorrect(f"{case}: raised IndexError: {exc}. The table has the {_blocks(need)} it needs, so "
                         "the index out of range is a block index: position pos lives in block "
                         "table[pos // block_size], slot pos % block_size") from None
     except Exception as exc:  # noqa: BLE001 - a learner's error is a hint
@@ -415,11 +424,15 @@ def _append_case(candidate, pool_k, pool_v, allocator, table, seq_len, n, what):
     if table[:len(blocks_before)] != blocks_before:
         raise Incorrect(f"{case}: the table's existing blocks changed to {table[:len(blocks_before)]}: "
                         "append new blocks after them")
+    if len(table) == len(blocks_before) and taken == need - len(blocks_before) > 0:
+        raise Incorrect(f"{case}: {_blocks(taken)} taken from the allocator, but block_table is still "
+                        f"{table}: append the new blocks to the list you were given (in place), the "
+                        "sequence keeps using it")
     if len(table) != need or taken != need - len(blocks_before):
         why = (f"the last block had room for {len(blocks_before) * BS - seq_len} more tokens"
                if len(blocks_before) * BS > seq_len else "")
-        raise Incorrect(f"{case}: the table has {len(table)} blocks and {taken} were taken; "
-                        f"{seq_len + n} tokens need {need} blocks (ceil({seq_len + n} / {BS})), so "
+        raise Incorrect(f"{case}: the table has {_blocks(len(table))}, {taken} taken by this call; "
+                        f"{seq_len + n} tokens need {_blocks(need)} (ceil({seq_len + n} / {BS})), so "
                         f"{need - len(blocks_before)} new" + (f": {why}" if why else ""))
     for p in range(seq_len + n):
         want_k, want_v = _token_kv(p)
@@ -457,8 +470,8 @@ def check_append_kv(candidate):
     _append_case(candidate, pool_k, pool_v, allocator, table, 10, 0, "an empty append")
     hogs = [allocator.allocate() for _ in range(allocator.num_free - 1)]   # leave one free block
     free_before, table_before = allocator.num_free, list(table)
-    case = (f"a pool with {free_before} free block (table {table_before}, seq_len 10, 9 new tokens "
-            f"need {blocks_needed(19, BS) - len(table_before)} new blocks)")
+    case = (f"a pool with {_blocks(free_before)} free (table {table_before}, seq_len 10: 9 new tokens "
+            f"need {_blocks(blocks_needed(19, BS) - len(table_before))} more)")
     k = torch.stack([_token_kv(p)[0] for p in range(10, 19)])
     v = torch.stack([_token_kv(p)[1] for p in range(10, 19)])
     try:
@@ -467,7 +480,7 @@ def check_append_kv(candidate):
         raise
     except RuntimeError:
         if allocator.num_free != free_before or table != table_before:
-            raise Incorrect(f"{case}: raised, but left {free_before - allocator.num_free} block(s) taken "
+            raise Incorrect(f"{case}: raised, but left {_blocks(free_before - allocator.num_free)} taken "
                             f"and the table at {table}: those blocks are lost (a leak) for every later "
                             "request. Check that enough blocks are free before taking any") from None
     except Exception as exc:  # noqa: BLE001 - a learner's error is a hint

@@ -8,13 +8,15 @@ import functools
 
 import torch
 
+from ..comm.schedule import chunk_bounds
 from ..model import ModelConfig, generate
 from ..parallel.data import (DataParallelInference, data_parallel_generate, gather_rows, local_rows,
                              row_range, split_sizes)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
 from .lesson09 import judge_prediction
 
-LIBRARY = (gather_rows, DataParallelInference, data_parallel_generate, local_rows, row_range, split_sizes)
+LIBRARY = (gather_rows, DataParallelInference, data_parallel_generate, local_rows, row_range, split_sizes,
+           chunk_bounds)
 
 ABORTED = ("gloo aborts the whole program when the ranks of one collective pass tensors of "
            "different sizes: every rank must hand all_gather the same shape (pad first)")
