@@ -51,7 +51,6 @@ TP_RANKS, OUT_FEATURES, IN_FEATURES, GROUP_SIZE = 4, 11008, 4096, 128
 @functools.lru_cache(maxsize=1)
 def measured_int4_shard_bytes() -> int:
     """Quantise one rank's column-parallel shard with ``Int4Linear`` and count its stored bytes."""
-    torch.manual_seed(0)
     shard = nn.Linear(IN_FEATURES, OUT_FEATURES // TP_RANKS, bias=False)
     return linear_weight_bytes(Int4Linear.from_float(shard, GROUP_SIZE))
 

@@ -29,7 +29,6 @@ def measured_paged_requests() -> int:
     The pool holds as many blocks as fit the budget, each block's bytes measured on a real
     one-block pool; every prompt really runs through the model into its blocks."""
     config = ModelConfig()
-    torch.manual_seed(0)
     model = TinyLM(config).eval()
     block_bytes = KVBlockPool.for_model(config, 1, BLOCK_TOKENS).nbytes()
     pool = KVBlockPool.for_model(config, BUDGET_BYTES // block_bytes, BLOCK_TOKENS)
@@ -105,7 +104,7 @@ class _Reference:
         # The full prefix up to a block's end identifies it: what a chained hash stands for.
         return [tuple(tokens[:end]) for end in range(self.bs, len(tokens) + 1, self.bs)]
 
-    def admit(self, tokens: list[int]) -> int:
+    def admit(self, tokens: list[int]) -> tuple[int, list[int]]:
         shared = []
         for prefix in self._prefixes(tokens[:-1]):
             block = self.block_of.get(prefix)
