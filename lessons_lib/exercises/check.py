@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 import signal
 import threading
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
+
+import torch.distributed as dist
 
 from ..launch import run_distributed
 from ..launch.errors import DistributedError
@@ -259,3 +263,74 @@ def check(exercise_id: str, candidate) -> None:
     result = evaluate(exercise_id, candidate)
     HISTORY.append(result)
     print(result)
+
+
+# -- what many checkers share ----------------------------------------------------------------
+# Collectives an answer built from send/recv must not call. Each is replaced on the ranks by a
+# recorder that still runs it, so the other ranks are not left waiting and the hint can name it.
+COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+               "scatter", "gather")
+
+
+def recording_collectives(call, names=COLLECTIVES):
+    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used)."""
+    used = []
+    saved = {name: getattr(dist, name) for name in names}
+
+    def recorder(name, original):
+        def recorded(*args, **kwargs):
+            used.append(name)
+            return original(*args, **kwargs)
+        return recorded
+
+    for name, original in saved.items():
+        setattr(dist, name, recorder(name, original))
+    try:
+        result = call()
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)
+    return result, sorted(set(used))
+
+
+def raise_if_stub(candidate) -> None:
+    """Say "not attempted" for a stub before any rank runs it: an exception on the ranks stops
+    them, and the next check would wait for fresh ones."""
+    code = getattr(candidate, "__code__", None)
+    if code is not None and set(code.co_names) == {"NotImplementedError"}:
+        raise NotImplementedError()
+
+
+def predicted_number(candidate, name: str) -> float:
+    """The number a predict exercise's ``candidate()`` returns, or a hint if it is not one."""
+    value = candidate()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise Incorrect(f"{name}() returned {value!r}; return one number")
+    return value
+
+
+PREDICT_TOLERANCE = 0.01     # a prediction within 1% of the measurement is correct
+
+
+def format_number(x) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.4g}"
+
+
+def judge_prediction(guess, measured: float, mistakes: list[tuple[float, str]], unit: str, advice: str,
+                     tolerance: float = PREDICT_TOLERANCE) -> None:
+    """Raise :class:`Incorrect` unless ``guess`` is within ``tolerance`` (relative) of ``measured``.
+
+    A guess near one of the ``mistakes`` (value, what went wrong) gets that mistake's hint; any
+    other wrong guess gets ``advice``. Shared by the predict exercises.
+    """
+    if isinstance(guess, bool) or not isinstance(guess, numbers.Real) or not math.isfinite(guess):
+        raise Incorrect(f"return your prediction as a number of {unit}; got {guess!r}")
+    if abs(guess - measured) <= tolerance * abs(measured):
+        return
+    said = f"you predicted {format_number(guess)} {unit}; the measurement is {format_number(measured)} {unit}"
+    for value, why in mistakes:
+        if abs(guess - value) <= tolerance * abs(value):
+            raise Incorrect(f"{said}. {why}")
+    how = f"{guess / measured:.3g}x, " if measured else ""
+    raise Incorrect(f"{said} ({how}{'too high' if guess > measured else 'too low'}). {advice}")

@@ -22,51 +22,8 @@ import torch.distributed as dist
 
 from ..comm import bytes_sent, ring_all_reduce, ring_schedule, run_ring, simulate_ring, tree_broadcast
 from ..launch import run_distributed
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-
-# Collectives an answer built from send/recv must not call. Each is replaced on the ranks by a
-# recorder that still runs it, so the other ranks are not left waiting and the hint can name it.
-COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-               "scatter", "gather")
-
-
-def recording_collectives(call, names=COLLECTIVES):
-    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used)."""
-    used = []
-    saved = {name: getattr(dist, name) for name in names}
-
-    def recorder(name, original):
-        def recorded(*args, **kwargs):
-            used.append(name)
-            return original(*args, **kwargs)
-        return recorded
-
-    for name, original in saved.items():
-        setattr(dist, name, recorder(name, original))
-    try:
-        result = call()
-    finally:
-        for name, original in saved.items():
-            setattr(dist, name, original)
-    return result, sorted(set(used))
-
-
-def raise_if_stub(candidate) -> None:
-    """Say "not attempted" for a stub before any rank runs it: an exception on the ranks stops
-    them, and the next check would wait for fresh ones."""
-    code = getattr(candidate, "__code__", None)
-    if code is not None and set(code.co_names) == {"NotImplementedError"}:
-        raise NotImplementedError()
-
-
-def predicted_number(candidate, name: str) -> float:
-    """The number a predict exercise's ``candidate()`` returns, or a hint if it is not one."""
-    value = candidate()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise Incorrect(f"{name}() returned {value!r}; return one number")
-    return value
-
+from .check import (Incorrect, exercise, predicted_number, raise_if_stub, recording_collectives,
+                    refuse_reference, run_ranks)
 
 def _refuse_collectives(used_by_rank: list, case: str, what: str) -> None:
     used = sorted({name for names in used_by_rank for name in names})

@@ -4,7 +4,6 @@ quantisation with its error bound, and the shards of a row-parallel int4 layer."
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 
 import torch
@@ -16,33 +15,7 @@ from ..compression.quantization import (Int4Linear, dequantize_int4, linear_weig
 from ..comm.schedule import chunk_bounds
 from ..parallel.data import row_range, split_sizes
 from ..parallel.tensor import shard_indices
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-
-PREDICT_TOLERANCE = 0.01     # a prediction within 1% of the measurement is correct
-
-
-def _num(x) -> str:
-    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.4g}"
-
-
-def judge_prediction(guess, measured: float, mistakes: list[tuple[float, str]], unit: str, advice: str,
-                     tolerance: float = PREDICT_TOLERANCE) -> None:
-    """Raise :class:`Incorrect` unless ``guess`` is within ``tolerance`` (relative) of ``measured``.
-
-    A guess near one of the ``mistakes`` (value, what went wrong) gets that mistake's hint; any
-    other wrong guess gets ``advice``. Shared by the predict exercises of lessons 09 to 11.
-    """
-    if isinstance(guess, bool) or not isinstance(guess, numbers.Real) or not math.isfinite(guess):
-        raise Incorrect(f"return your prediction as a number of {unit}; got {guess!r}")
-    if abs(guess - measured) <= tolerance * abs(measured):
-        return
-    said = f"you predicted {_num(guess)} {unit}; the measurement is {_num(measured)} {unit}"
-    for value, why in mistakes:
-        if abs(guess - value) <= tolerance * abs(value):
-            raise Incorrect(f"{said}. {why}")
-    how = f"{guess / measured:.3g}x, " if measured else ""
-    raise Incorrect(f"{said} ({how}{'too high' if guess > measured else 'too low'}). {advice}")
-
+from .check import PREDICT_TOLERANCE, Incorrect, exercise, judge_prediction, refuse_reference, run_ranks
 
 # -- predict: the bytes one tensor-parallel rank holds for an int4 layer ------------------
 TP_RANKS, OUT_FEATURES, IN_FEATURES, GROUP_SIZE = 4, 11008, 4096, 128

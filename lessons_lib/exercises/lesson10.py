@@ -14,7 +14,7 @@ from ..caching import (BlockAllocator, KVBlockPool, OutOfBlocksError, PagedSeque
 from ..caching.paged_kv import _PagedLayerView
 from ..model import ModelConfig, TinyLM, kv_cache_bytes_per_token
 from .check import Incorrect, exercise, refuse_reference
-from .lesson09 import judge_prediction
+from .check import judge_prediction
 
 # -- predict: requests admitted by a paged KV pool of a fixed size -------------------------
 BUDGET_BYTES = 2 ** 20        # 1 MiB of KV memory

@@ -13,7 +13,7 @@ from ..model import ModelConfig, generate
 from ..parallel.data import (DataParallelInference, data_parallel_generate, gather_rows, local_rows,
                              row_range, split_sizes)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .lesson09 import judge_prediction
+from .check import judge_prediction
 
 LIBRARY = (gather_rows, DataParallelInference, data_parallel_generate, local_rows, row_range, split_sizes,
            chunk_bounds)
