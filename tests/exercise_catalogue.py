@@ -7,6 +7,8 @@ the solution and an answer that calls the library's own implementation.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 from lessons_lib.exercises import evaluate
@@ -22,7 +24,7 @@ def verdict(exercise_id: str, answer):
     return result, time.perf_counter() - start
 
 
-def assert_hint(exercise_id: str, answer, *fragments: str) -> str:
+def assert_hint(exercise_id: str, answer, *fragments: str, kind: str = "wrong answer") -> str:
     """``answer`` is judged incorrect, with a hint containing every fragment (any case)."""
     result, seconds = verdict(exercise_id, answer)
     assert result.status == "incorrect", f"{exercise_id}: expected incorrect, got {result}"
@@ -30,12 +32,22 @@ def assert_hint(exercise_id: str, answer, *fragments: str) -> str:
         assert fragment.lower() in result.message.lower(), \
             f"{exercise_id}: hint lacks {fragment!r}: {result.message}"
     assert seconds < HINT_LIMIT_S, f"{exercise_id}: the hint took {seconds:.1f} s"
+    _log(exercise_id, kind, seconds)
     return result.message
 
 
+def _log(exercise_id: str, kind: str, seconds: float) -> None:
+    """With ``COURSE_CATALOGUE_LOG=path``, append one JSON line per judged answer (for counts)."""
+    path = os.environ.get("COURSE_CATALOGUE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"exercise": exercise_id, "kind": kind, "seconds": round(seconds, 2)}) + "\n")
+
+
 def assert_correct(exercise_id: str, answer) -> None:
-    result, _ = verdict(exercise_id, answer)
+    result, seconds = verdict(exercise_id, answer)
     assert result.status == "correct", f"{exercise_id}: {result}"
+    _log(exercise_id, "correct", seconds)
 
 
 def assert_not_attempted(exercise_id: str, answer) -> None:
@@ -45,4 +57,4 @@ def assert_not_attempted(exercise_id: str, answer) -> None:
 
 def assert_refused(exercise_id: str, answer, name: str) -> None:
     """An answer that calls the library's own ``name`` is refused, saying so."""
-    assert_hint(exercise_id, answer, f"uses lessons_lib's own {name}", "write it yourself")
+    assert_hint(exercise_id, answer, f"uses lessons_lib's own {name}", "write it yourself", kind="refused")
