@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from ..launch import run_distributed
@@ -273,14 +274,23 @@ COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_in
                "scatter", "gather")
 
 
-def recording_collectives(call, names=COLLECTIVES):
-    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used)."""
+def recording_collectives(call, names=COLLECTIVES, moved: list | None = None):
+    """``call()`` on this rank with the collectives ``names`` recorded; returns (result, names used).
+
+    With a list ``moved``, each call also appends the number of tensor elements it was given (its
+    inputs and outputs together; an ``*_object`` collective counts as unbounded), so a checker can
+    tell a few numbers per row from a gather of the whole tensor.
+    """
     used = []
     saved = {name: getattr(dist, name) for name in names}
 
     def recorder(name, original):
         def recorded(*args, **kwargs):
             used.append(name)
+            if moved is not None:
+                items = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+                moved.append(float("inf") if name.endswith("_object") else
+                             sum(t.numel() for t in items if isinstance(t, torch.Tensor)))
             return original(*args, **kwargs)
         return recorded
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from ..launch import run_distributed
 from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import ParallelLMHead, VocabParallelEmbedding, shard_indices
-from .check import (Incorrect, exercise, judge_prediction, predicted_number, raise_if_stub,
-                    refuse_reference, run_ranks)
+from .check import (COLLECTIVES, Incorrect, exercise, judge_prediction, predicted_number, raise_if_stub,
+                    recording_collectives, refuse_reference, run_ranks)
 
 # -- 12.predict_rank_bytes (predict) ----------------------------------------------------------
 RANK_TP = 4
@@ -73,10 +73,6 @@ def check_predict_rank_bytes(candidate):
 
 
 # -- 12.vocab_argmax (build) ------------------------------------------------------------------
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
-               "gather", "all_gather_object", "all_to_all", "all_to_all_single")
-
-
 def vocab_slices(vocab: int, p: int) -> list[tuple[int, int]]:
     base, extra = divmod(vocab, p)
     starts = [r * base + min(r, extra) for r in range(p + 1)]
@@ -99,24 +95,8 @@ def _argmax_on_rank(candidate, vocab, batch, seed):
     start, stop = vocab_slices(vocab, p)[rank]
     local = argmax_logits(batch, vocab, seed)[:, start:stop].clone()
     sent = []
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recorder(name, original):
-        def recorded(*args, **kwargs):
-            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
-            sent.append(sum(t.numel() for t in tensors if isinstance(t, torch.Tensor)))
-            if name == "all_gather_object":
-                sent.append(10 ** 9)     # objects: count as unbounded
-            return original(*args, **kwargs)
-        return recorded
-
-    for name, original in saved.items():
-        setattr(dist, name, recorder(name, original))
-    try:
-        out = candidate(local, start)
-    finally:
-        for name, original in saved.items():
-            setattr(dist, name, original)
+    out, _ = recording_collectives(lambda: candidate(local, start), COLLECTIVES + ("all_gather_object",),
+                                   moved=sent)
     return out, max(sent, default=0)
 
 
