@@ -2,16 +2,14 @@
 
 import pytest
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson06
 
 
 # -- 06.predict_hit_rate -----------------------------------------------------------------------
-def predicted_hit_rate():
-    requests, workers, system, question, block = 12, 3, 40, 20, 16
-    warm = requests - workers                 # the first request on each worker finds nothing
-    return warm * (system // block * block) / (requests * (system + question))
+predicted_hit_rate = solution_function("06_load_balancing", "predicted_hit_rate")
 
 
 @pytest.mark.parametrize("guess, fragments", [
@@ -40,19 +38,7 @@ def test_predict_hit_rate_verdicts():
 
 
 # -- 06.bounded_affinity -----------------------------------------------------------------------
-def bounded_affinity(prefix_hashes, workers, bound):
-    mean = sum(load for _, load, _ in workers) / len(workers)
-    best = None
-    for index, (wid, load, cached) in enumerate(workers):
-        if load > bound * mean:
-            continue
-        match = 0
-        while match < len(prefix_hashes) and prefix_hashes[match] in cached:
-            match += 1
-        key = (-match, load, index)
-        if best is None or key < best[0]:
-            best = (key, wid)
-    return best[1]
+bounded_affinity = solution_function("06_load_balancing", "bounded_affinity")
 
 
 def affinity_without_bound(prefix_hashes, workers, bound):
@@ -110,14 +96,7 @@ def test_bounded_affinity_verdicts():
 
 
 # -- 06.stale_loads ----------------------------------------------------------------------------
-def route_burst(n_requests, reported):
-    counts = list(reported)
-    chosen = []
-    for _ in range(n_requests):
-        w = min(range(len(counts)), key=lambda i: (counts[i], i))
-        counts[w] += 1          # the router's own accounting between reports
-        chosen.append(w)
-    return chosen
+route_burst = solution_function("06_load_balancing", "route_burst")
 
 
 def herding(n_requests, reported):

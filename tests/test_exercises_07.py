@@ -2,16 +2,14 @@
 
 import pytest
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson07
 
 
 # -- 07.predict_detection_delay ----------------------------------------------------------------
-def predicted_detection_delay():
-    last_beat, timeout, poll, freeze = 2.0, 0.5, 0.02, 2.03
-    first_suspecting_poll = 2.52          # 2.50 is exactly the timeout: not yet *longer*
-    return round(first_suspecting_poll - freeze, 3)
+predicted_detection_delay = solution_function("07_fault_tolerance", "predicted_detection_delay")
 
 
 @pytest.mark.parametrize("guess, fragments", [
@@ -39,24 +37,7 @@ def test_predict_detection_delay_verdicts():
 
 
 # -- 07.worker_states --------------------------------------------------------------------------
-def worker_states(events, now, heartbeat_timeout, progress_timeout):
-    last_beat, last_progress, in_flight = {}, {}, {}
-    for t, worker, kind in events:
-        in_flight.setdefault(worker, 0)
-        if kind == "heartbeat":
-            last_beat[worker] = t
-        else:
-            last_progress[worker] = t
-            in_flight[worker] += {"sent": 1, "done": -1, "token": 0}[kind]
-    states = {}
-    for worker in in_flight:
-        if worker not in last_beat or now - last_beat[worker] > heartbeat_timeout:
-            states[worker] = "dead"
-        elif in_flight[worker] > 0 and now - last_progress[worker] > progress_timeout:
-            states[worker] = "stuck"
-        else:
-            states[worker] = "healthy"
-    return states
+worker_states = solution_function("07_fault_tolerance", "worker_states")
 
 
 def heartbeats_only(events, now, heartbeat_timeout, progress_timeout):
@@ -114,24 +95,7 @@ def test_worker_states_verdicts():
 
 
 # -- 07.retry_budget ---------------------------------------------------------------------------
-def serve(requests, workers, attempt, max_attempts):
-    live, results = list(workers), {}
-    for request in requests:
-        crashed = 0
-        while True:
-            if not live:
-                results[request] = ("unserved", crashed)
-                break
-            worker = live[0]
-            if attempt(request, worker) == "ok":
-                results[request] = ("ok", worker)
-                break
-            live.remove(worker)
-            crashed += 1
-            if crashed == max_attempts:
-                results[request] = ("quarantined", crashed)
-                break
-    return results, live
+serve = solution_function("07_fault_tolerance", "serve")
 
 
 def budget_checked_only_when_no_worker_is_left(requests, workers, attempt, max_attempts):

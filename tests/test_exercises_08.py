@@ -5,14 +5,14 @@ import hmac
 
 import pytest
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson08
 
 
 # -- 08.predict_sealed_bytes -------------------------------------------------------------------
-def predicted_sealed_bytes():
-    return 3 * 5 * 2 + 16      # ciphertext as long as the bfloat16 payload, plus GCM's tag
+predicted_sealed_bytes = solution_function("08_security", "predicted_sealed_bytes")
 
 
 @pytest.mark.parametrize("guess, fragments", [
@@ -41,18 +41,7 @@ def test_predict_sealed_bytes_verdicts():
 
 
 # -- 08.replay_window --------------------------------------------------------------------------
-def replay_window(seqs, window):
-    highest, seen, out = 0, set(), []
-    for s in seqs:
-        if s <= highest - window:
-            out.append("old")
-        elif s in seen:
-            out.append("replay")
-        else:
-            out.append("ok")
-            highest = max(highest, s)
-            seen = {x for x in seen | {s} if x > highest - window}
-    return out
+replay_window = solution_function("08_security", "replay_window")
 
 
 def strictly_increasing(seqs, window):
@@ -111,14 +100,7 @@ def test_replay_window_verdicts():
 
 
 # -- 08.tenant_blocks --------------------------------------------------------------------------
-def tenant_block_keys(tokens, tenant, server_secret, block_size):
-    salt = hmac.new(server_secret, tenant.encode(), hashlib.sha256).digest()
-    keys, previous = [], salt
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = ",".join(str(t) for t in tokens[start:start + block_size]).encode()
-        previous = hashlib.sha256(previous + block).digest()
-        keys.append(previous.hex())
-    return keys
+tenant_block_keys = solution_function("08_security", "tenant_block_keys")
 
 
 def name_as_salt(tokens, tenant, server_secret, block_size):

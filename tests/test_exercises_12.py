@@ -4,19 +4,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson12
 
 
 # -- 12.predict_rank_bytes ---------------------------------------------------------------------
-def predicted_rank_bytes():
-    dim, vocab, ffn, head_dim, layers, tp = 64, 264, 160, 16, 2, 4
-    embed = head = vocab // tp * dim
-    attn = (4 // tp) * head_dim * dim * 2 + 1 * head_dim * dim * 2   # q, o by heads; k, v: the whole KV head
-    mlp = 3 * (ffn // tp) * dim
-    norms = 2 * dim
-    return 4 * (embed + head + layers * (attn + mlp + norms) + dim)
+predicted_rank_bytes = solution_function("12_tensor_parallel", "predicted_rank_bytes")
 
 
 TOTAL = 4 * (2 * 264 * 64 + 2 * (64 * 64 * 2 + 2 * 16 * 64 + 3 * 160 * 64 + 128) + 64)
@@ -138,17 +133,7 @@ def test_vocab_argmax_verdicts():
 
 
 # -- 12.fused_qkv_shard ------------------------------------------------------------------------
-def fused_qkv_shard(weight, n_heads, n_kv_heads, head_dim, tp, rank):
-    q, k, v = weight.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim])
-    per_q = n_heads // tp
-    q_rows = q[rank * per_q * head_dim:(rank + 1) * per_q * head_dim]
-    if tp <= n_kv_heads:
-        per_kv = n_kv_heads // tp
-        first, count = rank * per_kv, per_kv
-    else:
-        first, count = rank // (tp // n_kv_heads), 1
-    kv = slice(first * head_dim, (first + count) * head_dim)
-    return torch.cat([q_rows, k[kv], v[kv]])
+fused_qkv_shard = solution_function("12_tensor_parallel", "fused_qkv_shard")
 
 
 def contiguous_chunk(weight, n_heads, n_kv_heads, head_dim, tp, rank):

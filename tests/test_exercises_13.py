@@ -4,17 +4,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson13
 
 
 # -- 13.predict_stage_bytes --------------------------------------------------------------------
-def predicted_stage_bytes():
-    batch, prompt, dim, new, micro = 6, 8, 128, 5, 3
-    passes = new                                  # the prefill makes the first token
-    payload = batch * prompt * dim * 4 + (passes - 1) * batch * dim * 4
-    return payload + passes * micro * 10 * 8      # a 10 x int64 header before every tensor
+predicted_stage_bytes = solution_function("13_pipeline_parallel", "predicted_stage_bytes")
 
 
 PAYLOAD = 6 * 8 * 128 * 4 + 4 * 6 * 128 * 4
@@ -180,25 +177,7 @@ def test_stage_loop_verdicts():
 
 
 # -- 13.balanced_stages ------------------------------------------------------------------------
-def balanced_stages(costs, p):
-    n, prefix = len(costs), [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(p + 1)]   # best[s][j]: first j blocks on s stages
-    start = [[0] * (n + 1) for _ in range(p + 1)]    # where the last of those s stages starts
-    best[0][0] = 0.0
-    for s in range(1, p + 1):
-        for j in range(s, n + 1):
-            for i in range(s - 1, j):
-                slowest = max(best[s - 1][i], prefix[j] - prefix[i])
-                if slowest < best[s][j]:
-                    best[s][j], start[s][j] = slowest, i
-    stages, j = [], n
-    for s in range(p, 0, -1):
-        stages.append(range(start[s][j], j))
-        j = start[s][j]
-    return stages[::-1]
+balanced_stages = solution_function("13_pipeline_parallel", "balanced_stages")
 
 
 def equal_block_counts(costs, p):

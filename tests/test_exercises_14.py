@@ -4,15 +4,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
+                               solution_function)
 
 pytestmark = pytest.mark.lesson14
 
 
 # -- 14.predict_mesh_bytes ---------------------------------------------------------------------
-def predicted_mesh_bytes():
-    batch, prompt, dim, new = 4, 6, 64, 3
-    return batch * prompt * dim * 4 + (new - 1) * batch * dim * 4 + new * 80
+predicted_mesh_bytes = solution_function("14_capstone", "predicted_mesh_bytes")
 
 
 PAYLOAD = 4 * 6 * 64 * 4 + 2 * 4 * 64 * 4
@@ -45,12 +44,7 @@ def test_predict_mesh_bytes_verdicts():
 
 
 # -- 14.mesh_groups ----------------------------------------------------------------------------
-def mesh_groups(rank, dp, pp, tp):
-    d, p, t = rank // (pp * tp), rank // tp % pp, rank % tp
-    return {"coords": (d, p, t),
-            "tp": [(d * pp + p) * tp + i for i in range(tp)],
-            "pp": [(d * pp + i) * tp + t for i in range(pp)],
-            "dp": [(i * pp + p) * tp + t for i in range(dp)]}
+mesh_groups = solution_function("14_capstone", "mesh_groups")
 
 
 def dp_fastest(rank, dp, pp, tp):
