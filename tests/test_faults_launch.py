@@ -383,3 +383,21 @@ def test_bad_input_to_run_distributed_is_refused_before_any_rank_starts(kwargs, 
 def test_nccl_without_a_gpu_per_rank_is_refused():
     with pytest.raises(BadArgument, match=r"^backend='nccl' is not valid: expected 'gloo' or None \(nccl needs 2"):
         run_distributed(rank_and_pid, 2, backend="nccl")
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_dies_while_starting_is_replaced_once(monkeypatch):
+    shutdown()
+    original, spawned = pool.WorkerPool._spawn, []
+
+    def spawn_and_kill_the_first(self, rank, env):
+        original(self, rank, env)
+        spawned.append(rank)
+        if len(spawned) == 2:     # the first pool's rank 1 dies before it can join
+            self._procs[-1].kill()
+
+    monkeypatch.setattr(pool.WorkerPool, "_spawn", spawn_and_kill_the_first)
+    assert [r for r, _ in run_distributed(rank_and_pid, 2)] == [0, 1]
+    assert spawned == [0, 1, 0, 1]     # one more start, no more
+    shutdown()
+    assert live_children() == []

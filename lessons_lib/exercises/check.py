@@ -304,6 +304,24 @@ def recording_collectives(call, names=COLLECTIVES, moved: list | None = None):
     return result, sorted(set(used))
 
 
+def bytes_sent_to(call, dst: int) -> tuple:
+    """``call()`` on this rank, counting the bytes it hands to ``dist.isend`` for rank ``dst``
+    (the way the pipeline sends activations); returns (result, bytes)."""
+    sent, original = [], dist.isend
+
+    def counting(tensor, to, *args, **kwargs):
+        if to == dst:
+            sent.append(tensor.numel() * tensor.element_size())
+        return original(tensor, to, *args, **kwargs)
+
+    dist.isend = counting
+    try:
+        result = call()
+    finally:
+        dist.isend = original
+    return result, sum(sent)
+
+
 def raise_if_stub(candidate) -> None:
     """Say "not attempted" for a stub before any rank runs it: an exception on the ranks stops
     them, and the next check would wait for fresh ones."""

@@ -19,7 +19,8 @@ import torch.nn as nn
 from ..launch import run_distributed
 from ..parallel.pipeline import PipelineInference, execute, partition_layers, send_tensor
 from ..parallel.pipeline.p2p import TensorReceiver, decode_header, encode_header
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference, run_ranks
+from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
+                    run_ranks)
 
 # -- 13.predict_stage_bytes (predict) ---------------------------------------------------------
 PRED_STAGES, PRED_MICRO, PRED_BATCH, PRED_PROMPT, PRED_NEW = 3, 3, 6, 8, 5
@@ -38,20 +39,8 @@ def _stage_bytes_on_rank() -> int:
     mesh = Mesh(pp=PRED_STAGES)
     runner = PipelineInference(build_stage(model, mesh), mesh, n_microbatches=PRED_MICRO)
     ids = torch.randint(0, 256, (PRED_BATCH, PRED_PROMPT), generator=torch.Generator().manual_seed(1))
-    sent = []
-    original = dist.isend
-
-    def counting(tensor, dst, *args, **kwargs):
-        if dist.get_rank() == 0 and dst == 1:
-            sent.append(tensor.numel() * tensor.element_size())
-        return original(tensor, dst, *args, **kwargs)
-
-    dist.isend = counting
-    try:
-        runner.generate(ids, PRED_NEW)
-    finally:
-        dist.isend = original
-    return sum(sent)
+    _, sent = bytes_sent_to(lambda: runner.generate(ids, PRED_NEW), dst=1)
+    return sent if dist.get_rank() == 0 else 0
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,8 @@ from ..launch import run_distributed
 from ..parallel.data import DataParallelInference, gather_rows, local_rows, row_range, split_sizes
 from ..parallel.mesh import Mesh, groups_along, mesh_grid
 from ..parallel.pipeline import generate_on_mesh
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference, run_ranks
+from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
+                    run_ranks)
 
 # -- 14.predict_mesh_bytes (predict) ----------------------------------------------------------
 MESH_TP, MESH_PP, MESH_BATCH, MESH_PROMPT, MESH_NEW = 2, 2, 4, 6, 3
@@ -35,19 +36,8 @@ def _mesh_bytes_on_rank() -> int:
     model = TinyLM(ModelConfig(**MESH_CONFIG)).eval()
     mesh = Mesh(tp=MESH_TP, pp=MESH_PP)
     ids = torch.randint(0, 256, (MESH_BATCH, MESH_PROMPT), generator=torch.Generator().manual_seed(1))
-    sent, original = [], dist.isend
-
-    def counting(tensor, dst, *args, **kwargs):
-        if dist.get_rank() == 0 and dst == mesh.pp_next:
-            sent.append(tensor.numel() * tensor.element_size())
-        return original(tensor, dst, *args, **kwargs)
-
-    dist.isend = counting
-    try:
-        generate_on_mesh(model, mesh, ids, MESH_NEW)
-    finally:
-        dist.isend = original
-    return sum(sent)
+    _, sent = bytes_sent_to(lambda: generate_on_mesh(model, mesh, ids, MESH_NEW), dst=mesh.pp_next)
+    return sent if dist.get_rank() == 0 else 0
 
 
 @functools.lru_cache(maxsize=1)

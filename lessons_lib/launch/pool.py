@@ -39,6 +39,10 @@ def startup_limit(timeout: float) -> float:
     return min(STARTUP_TIMEOUT_S, max(MIN_STARTUP_S, timeout))
 
 
+class RankDiedWhileStarting(DistributedError):
+    """A rank process ended before joining the group (no error of its own to report)."""
+
+
 class WorkerPool:
     def __init__(self, world_size: int, backend: str, threads: int, startup_s: float):
         import torch.distributed as dist
@@ -100,6 +104,10 @@ class WorkerPool:
             for conn in wait([self._conns[r] for r in pending], timeout=remaining):
                 rank = self._conns.index(conn)
                 message = self._recv(rank)
+                if message[0] == "died":
+                    raise RankDiedWhileStarting(
+                        f"rank {rank} {message[1]} while starting, before joining the process group",
+                        rank=rank, kind="startup")
                 if message[0] != "ready":
                     raise DistributedError(
                         f"rank {rank} could not join the process group "

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from ..validate import bad, check_choice, check_int, check_real
 from ._pickle import dumps, loads
 from .errors import DistributedError
-from .pool import MAX_TIMEOUT_S, WorkerPool, caller_sys_path, startup_limit
+from .pool import MAX_TIMEOUT_S, RankDiedWhileStarting, WorkerPool, caller_sys_path, startup_limit
 
 MAX_POOLS = 3   # warm pools kept at once (e.g. the 2-, 3- and 4-rank ones)
 _pools: "OrderedDict[tuple, WorkerPool]" = OrderedDict()
@@ -63,7 +63,12 @@ def _pool_for(world_size: int, backend: str, timeout: float) -> WorkerPool:
         _, oldest = _pools.popitem(last=False)
         oldest.close()
     if pool is None:
-        pool = WorkerPool(world_size, backend, threads, startup_limit(timeout))
+        try:
+            pool = WorkerPool(world_size, backend, threads, startup_limit(timeout))
+        except RankDiedWhileStarting:
+            # A rank that ends with no error of its own while starting is a failure of the
+            # machine (a process killed, a port taken), not of the caller's code: start once more.
+            pool = WorkerPool(world_size, backend, threads, startup_limit(timeout))
     _pools[key] = pool
     return pool
 
