@@ -22,21 +22,31 @@ import sys
 
 import torch
 
-from ..validate import bad, check_token_ids
+from ..validate import bad, check_int, check_token_ids
 from .paged_kv import BlockAllocator, KVBlockPool, OutOfBlocksError, PagedSequenceCache, blocks_needed
 
-ROOT_HASH = ""
+def block_hashes(tokens, block_size: int = 16, salt: bytes | str = b"") -> list[str]:
+    """Chained SHA-256 of each *full* block: hash i covers tokens[0 : (i+1)*block_size].
 
+    Chaining makes a block's hash depend on everything before it, so equal hashes mean equal
+    prefixes, as in vLLM's prefix caching. A partial last block has no hash: its keys and values
+    are still being written. ``salt`` starts the chain, so equal tokens under different salts never
+    share a block (vLLM's ``cache_salt``, one per tenant: lesson 08).
 
-def block_hashes(tokens: list[int], block_size: int) -> list[str]:
-    """Chained hashes of the full blocks of ``tokens`` (a partial last block has none)."""
-    hashes, parent = [], ROOT_HASH
+    The library's one block hash: the engine's block manager, the prefix cache, the routers'
+    prefix-affinity policies and the simulator all call it.
+    """
+    check_int("block_size", block_size, low=1)
+    if isinstance(salt, str):
+        salt = salt.encode()
+    if not isinstance(salt, bytes):
+        raise bad("salt", salt, "bytes or a str (for example a tenant's name)")
+    out, h = [], hashlib.sha256(salt).digest()
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = tokens[start:start + block_size]
-        digest = hashlib.sha256((parent + ":" + ",".join(map(str, block))).encode()).hexdigest()[:16]
-        hashes.append(digest)
-        parent = digest
-    return hashes
+        block = ",".join(str(int(t)) for t in tokens[start:start + block_size]).encode()
+        h = hashlib.sha256(h + block).digest()
+        out.append(h.hex())
+    return out
 
 
 class PrefixCache:
@@ -63,7 +73,7 @@ class PrefixCache:
             self.evictions += 1
         return block
 
-    def lookup(self, tokens: list[int]) -> list[int]:
+    def lookup(self, tokens: list[int], salt: bytes | str = b"") -> list[int]:
         """The cached blocks of the longest cached prefix of ``tokens``, without sharing them.
 
         The chain stops at the first block not cached: a prefix is reused only while
@@ -71,19 +81,19 @@ class PrefixCache:
         the model must run on something to give the next-token logits.
         """
         blocks = []
-        for digest in block_hashes(tokens[:len(tokens) - 1], self.block_size):
+        for digest in block_hashes(tokens[:len(tokens) - 1], self.block_size, salt):
             block = self.block_of.get(digest)
             if block is None:
                 break
             blocks.append(block)
         return blocks
 
-    def match(self, tokens: list[int]) -> tuple[list[int], int]:
+    def match(self, tokens: list[int], salt: bytes | str = b"") -> tuple[list[int], int]:
         """Share the cached blocks of the longest cached prefix of ``tokens``.
 
         Returns ``(blocks, num_tokens)``; each block gains one reference.
         """
-        blocks = self.lookup(tokens)
+        blocks = self.lookup(tokens, salt)
         for block in blocks:
             if self.allocator.ref_counts[block] == 0:
                 self.allocator.take(block)       # off the free list: no longer evictable
@@ -94,16 +104,22 @@ class PrefixCache:
         self.misses += n_full - len(blocks)
         return blocks, len(blocks) * self.block_size
 
-    def register(self, tokens: list[int], block_table: list[int]) -> None:
+    def register(self, tokens: list[int], block_table: list[int], salt: bytes | str = b"") -> None:
         """Record the hashes of the full blocks of a computed sequence so later requests can share them."""
-        for digest, block in zip(block_hashes(tokens, self.block_size), block_table):
+        for digest, block in zip(block_hashes(tokens, self.block_size, salt), block_table):
             if digest not in self.block_of and block not in self.hash_of:
                 self.block_of[digest] = block
                 self.hash_of[block] = digest
 
     def release(self, block_table: list[int]) -> None:
-        """A sequence is done: drop its references; cached blocks stay until evicted."""
-        self.allocator.free_all(block_table)
+        """A sequence is done: drop its references; cached blocks stay until evicted.
+
+        The blocks go back to the free list tail first, as vLLM frees them: eviction takes the
+        least recently freed block, so a prefix loses its last block before its first. Freed head
+        first, one eviction would take block 0 and leave every later block of the prefix cached
+        but unreachable (a lookup stops at the first missing block).
+        """
+        self.allocator.free_all(list(reversed(block_table)))
 
     @property
     def num_cached(self) -> int:

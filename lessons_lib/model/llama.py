@@ -286,6 +286,14 @@ class TinyLM(nn.Module):
             raise bad("input_ids", f"a tensor of shape {tuple(input_ids.shape)}",
                       "shape (batch, seq) with seq >= 1", "the model needs at least one token per row")
         batch, seq = input_ids.shape
+        packed = getattr(cache, "packed_inputs", None)
+        if packed is not None:
+            # Several sequences packed into one row (the serving engine's step): the cache knows
+            # each token's position and which keys it may attend.
+            if positions is not None or attention_mask is not None:
+                raise bad("cache", cache, "positions=None and attention_mask=None with a packed batch",
+                          "a packed batch brings its own positions and mask")
+            return packed()
         past = cache.seq_len if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=input_ids.device)

@@ -16,28 +16,13 @@ the real router (``router.py``), so what the simulation predicts is what the rou
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..caching.prefix_cache import block_hashes
 from ..validate import check_choice, check_int
-
-
-def block_hashes(tokens, block_size: int = 16, salt: bytes = b"") -> list[str]:
-    """Chained SHA-256 of each *full* block: hash i covers tokens[0 : (i+1)*block_size].
-
-    Chaining makes a block's hash depend on everything before it, so equal hashes mean equal
-    prefixes (vLLM's prefix caching does the same). ``salt`` separates tenants (lesson 08).
-    """
-    check_int("block_size", block_size, low=1)
-    out, h = [], hashlib.sha256(salt).digest()
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = ",".join(str(int(t)) for t in tokens[start:start + block_size]).encode()
-        h = hashlib.sha256(h + block).digest()
-        out.append(h.hex())
-    return out
 
 
 @dataclass
