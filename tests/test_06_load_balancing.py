@@ -112,3 +112,28 @@ def test_queue_series_is_a_step_function_of_the_timeline():
     full = simulate(make_trace(50, seed=1), "least-outstanding")
     _, s = queue_series(full)
     assert set(s) == {"w0", "w1", "w2", "w3"} and all(v >= 0 for ys in s.values() for v in ys)
+
+
+def test_kv_aware_weighs_reported_cached_blocks_against_load():
+    prompt = tuple(range(1, 49))                       # three full blocks of 16
+    hashes = block_hashes(prompt, 16)
+    request = Request("r", prompt, 4)
+    warm = WorkerLoad("warm", outstanding=2, cached_blocks=frozenset(hashes))
+    cold = WorkerLoad("cold", outstanding=0)
+    assert make_policy("kv-aware", alpha=1.0).choose(request, [cold, warm]) == "warm"   # 3 - 2 > 0
+    assert make_policy("kv-aware", alpha=2.0).choose(request, [cold, warm]) == "cold"   # 3 - 4 < 0
+    # Blocks 2 and 3 without block 1 are no prefix: they count for nothing.
+    gappy = WorkerLoad("gappy", outstanding=1, cached_blocks=frozenset(hashes[1:]))
+    assert make_policy("kv-aware").choose(request, [gappy, cold]) == "cold"
+    with pytest.raises(ValueError, match="alpha=-1"):
+        make_policy("kv-aware", alpha=-1)
+
+
+def test_bounded_prefix_affinity_leaves_an_overloaded_worker():
+    policy = make_policy("prefix-affinity-bounded", load_factor=1.0)
+    prompt = tuple(range(1, 33))
+    loads = [WorkerLoad("a"), WorkerLoad("b")]
+    assert policy.choose(Request("r0", prompt, 1), loads) == "a"
+    assert policy.choose(Request("r1", prompt, 1), [WorkerLoad("a", 1), WorkerLoad("b", 0)]) == "a"
+    # a has 4 outstanding against a mean of 2: beyond 1.0 x 2 + 1, so the match no longer wins
+    assert policy.choose(Request("r2", prompt, 1), [WorkerLoad("a", 4), WorkerLoad("b", 0)]) == "b"

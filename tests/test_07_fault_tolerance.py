@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from lessons_lib import DistributedError, run_distributed
-from lessons_lib.serving import NoWorkerError, Request, Router, WorkerSpec
+from lessons_lib.caching import block_hashes
+from lessons_lib.engine import SamplingParams
+from lessons_lib.serving import NoWorkerError, Request, RequestQuarantined, Router, WorkerSpec
 from lessons_lib.serving.elastic import run_elastic, tp_row_parallel_step
 from lessons_lib.serving.faults import exactly_once_report, run_with_fault
 from lessons_lib.serving.health import ExactlyOnce, FailureDetector, backoff_delays
-from lessons_lib.serving.worker import PrefixKVCache, greedy_generate, load_model
+from lessons_lib.serving.worker import load_model, make_engine
 from lessons_lib.serving.workload import make_requests, reference_tokens
 
 pytestmark = [pytest.mark.lesson07, pytest.mark.timeout(120)]
@@ -58,17 +60,15 @@ def test_exactly_once_keeps_the_first_answer_and_counts_duplicates():
     assert ledger.answers["r1"] == "first" and ledger.duplicates == 1 and len(ledger) == 1
 
 
-def test_worker_decoding_with_prefix_cache_equals_generate():
+def test_worker_engine_with_prefix_cache_equals_generate():
     model = load_model("random:0")
     reqs = make_requests(12, seed=3, shared_prefix_share=1.0)
     ref = reference_tokens(reqs, model)
-    cache = PrefixKVCache(block_size=16)
-    hits = 0
-    for r in reqs:
-        tokens, cached = greedy_generate(model, r.prompt, r.max_new_tokens, cache)
-        assert tuple(tokens) == ref[r.id]
-        hits += cached > 0
-    assert hits > 0   # shared system prompts were reused
+    engine = make_engine(model, block_size=16, max_num_seqs=1)   # one at a time: later ones find earlier blocks
+    outs = engine.generate([list(r.prompt) for r in reqs], [SamplingParams(max_tokens=r.max_new_tokens)
+                                                            for r in reqs])
+    assert [tuple(o.output_token_ids) for o in outs] == [ref[r.id] for r in reqs]
+    assert sum(o.num_cached_tokens > 0 for o in outs) > 0   # shared system prompts were reused
 
 
 # -- real workers -----------------------------------------------------------------------------
@@ -125,6 +125,48 @@ def test_a_hung_worker_is_detected_by_heartbeat_timeout_and_its_late_answers_are
             time.sleep(0.05)
         assert router.duplicates_dropped > 0 and len(router.answers) == 60
         assert time.monotonic() - start < 60
+
+
+def test_a_worker_alive_but_stuck_is_caught_by_progress_not_by_heartbeats(reqs_and_ref):
+    """Its heartbeat thread goes on; its engine produces nothing for 30 s a step."""
+    reqs, ref = reqs_and_ref
+    specs = [WorkerSpec("stuck", model=SPEC, delay=30.0), WorkerSpec("ok", model=SPEC)]
+    with Router(specs, "round-robin", failure_timeout=0.5, progress_timeout=2.0) as router:
+        start = time.monotonic()
+        responses = router.run(reqs[:4], timeout=30)
+        waited = time.monotonic() - start
+        assert [r.tokens for r in responses] == [ref[r.id] for r in reqs[:4]]
+        assert {r.worker for r in responses} == {"ok"}
+        stuck_events = [what for _, w, what in router.events if w == "stuck"]
+        assert any("no progress" in what for what in stuck_events), stuck_events
+        assert not any("heartbeat timeout" in what for what in stuck_events)   # it was alive throughout
+        assert waited < 15
+
+
+def test_a_poison_request_takes_down_at_most_quarantine_after_workers(reqs_and_ref):
+    reqs, ref = reqs_and_ref
+    poison = Request("poison", (7, 250, 9), 3)
+    specs = [WorkerSpec(f"w{i}", model=SPEC, crash_on_token=250) for i in range(4)]
+    with Router(specs, "round-robin", quarantine_after=2) as router:
+        with pytest.raises(RequestQuarantined, match="poison was on 2 workers that failed"):
+            router.submit(poison).result(timeout=30)
+        assert len(router.live_workers()) == 2
+        healthy = [r for r in reqs[:6] if 250 not in r.prompt]
+        assert [r.tokens for r in router.run(healthy)] == [ref[r.id] for r in healthy]
+
+
+def test_heartbeats_report_load_and_the_blocks_a_worker_cached():
+    prompt = tuple(range(1, 50))                   # three full blocks of 16
+    with Router([WorkerSpec("w0", model=SPEC)], "kv-aware", heartbeat_interval=0.05) as router:
+        router.run([Request("a", prompt, 2)])
+        deadline = time.monotonic() + 10
+        handle = router.workers["w0"]
+        while len(handle.cached) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(block_hashes(prompt, 16)) <= handle.cached
+        assert handle.reported["progress"] >= 2 and handle.reported["running"] == 0
+        again = router.run([Request("b", prompt + (60,), 2)])[0]
+        assert again.cached_tokens == 48
 
 
 def test_router_rejects_bad_specs():

@@ -24,7 +24,8 @@ from lessons_lib.serving.health import FailureDetector, backoff_delays
 from lessons_lib.serving.policies import PowerOfTwoChoices, PrefixCacheAware, block_hashes, make_policy
 from lessons_lib.serving.simulate import compare_policies, make_trace, percentile, simulate
 from lessons_lib.serving.versioning import run_session
-from lessons_lib.serving.worker import PrefixKVCache, greedy_generate, load_model
+from lessons_lib.engine import SamplingParams
+from lessons_lib.serving.worker import load_model, make_engine
 from lessons_lib.serving.workload import make_requests, reference_tokens, replay
 from lessons_lib.validate import BadArgument
 
@@ -228,7 +229,7 @@ def test_a_request_every_worker_fails_on_ends_in_a_named_error(clean):
         TALLY["faults injected"] += 2
         TALLY["requests sent"] += 4
         for f in futures:
-            with pytest.raises(RequestFailed, match="attempts|no live worker"):
+            with pytest.raises(RequestFailed, match="attempts|no live worker|quarantined"):
                 f.result(timeout=20)
         assert router.live_workers() == []
 
@@ -401,10 +402,10 @@ BAD_INPUTS = {
     "detector timeout nan": (lambda: FailureDetector(timeout=NAN), "timeout=nan"),
     "model spec": (lambda: load_model("random:one"), "model='random:one'"),
     "model spec type": (lambda: load_model(None), "model=None"),
-    "kv cache block": (lambda: PrefixKVCache(block_size=0), "block_size=0"),
-    "generate out of vocab": (lambda: greedy_generate(load_model(SPEC), [1, 999], 2), "prompt=.*999"),
-    "generate max_new_tokens bool": (lambda: greedy_generate(load_model(SPEC), [1, 2], True),
-                                     "max_new_tokens=True"),
+    "engine block size": (lambda: make_engine(load_model(SPEC), block_size=-1), "block_size=-1"),
+    "engine prompt out of vocab": (lambda: make_engine(load_model(SPEC)).add_request("x", [1, 999]),
+                                   "prompt_token_ids=.*999"),
+    "engine max_tokens bool": (lambda: SamplingParams(max_tokens=True), "max_tokens=True"),
     "session steps": (lambda: run_session(None, "s", (1, 2), steps=0), "steps=0"),
     "session tokens bool": (lambda: run_session(None, "s", (1, 2), tokens_per_step=True), "tokens_per_step=True"),
     "corrupt answer kind": (lambda: corrupt_answer({}, "lies", 264), "fault='lies'"),

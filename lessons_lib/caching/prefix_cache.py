@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections import deque
 
 import torch
 
@@ -58,6 +59,9 @@ class PrefixCache:
         self.block_of: dict[str, int] = {}     # hash -> physical block
         self.hash_of: dict[int, str] = {}      # physical block -> hash
         self.hits = self.misses = self.evictions = 0
+        # ("stored" | "removed", block hash) in order: what a KV-aware router learns of this cache.
+        # Bounded, so a cache nobody drains does not grow without end.
+        self.events: deque[tuple[str, str]] = deque(maxlen=1 << 16)
 
     def allocate(self) -> int:
         """A block for new tokens: a never-cached free block if any, else evict the LRU free cached one."""
@@ -69,8 +73,10 @@ class PrefixCache:
                 return block
         block = self.allocator.allocate()        # raises OutOfBlocksError when nothing is free
         if block in self.hash_of:
-            del self.block_of[self.hash_of.pop(block)]
+            digest = self.hash_of.pop(block)
+            del self.block_of[digest]
             self.evictions += 1
+            self.events.append(("removed", digest))
         return block
 
     def lookup(self, tokens: list[int], salt: bytes | str = b"") -> list[int]:
@@ -110,6 +116,7 @@ class PrefixCache:
             if digest not in self.block_of and block not in self.hash_of:
                 self.block_of[digest] = block
                 self.hash_of[block] = digest
+                self.events.append(("stored", digest))
 
     def release(self, block_table: list[int]) -> None:
         """A sequence is done: drop its references; cached blocks stay until evicted.
@@ -120,6 +127,12 @@ class PrefixCache:
         but unreachable (a lookup stops at the first missing block).
         """
         self.allocator.free_all(list(reversed(block_table)))
+
+    def drain_events(self) -> list[tuple[str, str]]:
+        """The events since the last call (a worker publishes them with its heartbeat)."""
+        events = list(self.events)
+        self.events.clear()
+        return events
 
     @property
     def num_cached(self) -> int:

@@ -16,24 +16,19 @@ import time
 
 import torch
 
+from ..engine import SamplingParams
 from ..validate import bad, check_int, check_str, check_token_ids
-from .policies import block_hashes
-from .worker import PrefixKVCache, greedy_generate
-
-
-class SaltedPrefixKVCache(PrefixKVCache):
-    """A :class:`PrefixKVCache` whose block hashes are salted with the current tenant's salt."""
-
-    def __init__(self, block_size: int = 16, capacity: int = 256) -> None:
-        super().__init__(block_size, capacity)
-        self.salt = b""
-
-    def _hashes(self, prompt):
-        return block_hashes(prompt, self.block_size, self.salt)
+from .worker import make_engine
 
 
 class TenantServer:
-    """One replica serving several tenants from one prefix cache, isolated or not."""
+    """One replica serving several tenants from one engine (one prefix cache), isolated or not.
+
+    Isolated, each request carries its tenant's name as the engine's ``cache_salt``, so blocks
+    are shared within a tenant and never across tenants. The salt is derived by the server from
+    the authenticated tenant, never taken from the client: a salt a client can choose, another
+    client can choose too.
+    """
 
     def __init__(self, model, isolate: bool, block_size: int = 16) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -41,20 +36,29 @@ class TenantServer:
         if not isinstance(isolate, bool):
             raise bad("isolate", isolate, "True (a salt per tenant) or False (one shared cache)")
         self.model, self.isolate = model, isolate
-        self.cache = SaltedPrefixKVCache(check_int("block_size", block_size, low=1))
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything cached (a fresh engine)."""
+        self.engine = make_engine(self.model, self.block_size, max_num_seqs=4)
 
     def serve(self, tenant: str, prompt, max_new_tokens: int = 1) -> tuple[list[int], int, float]:
         """(new tokens, cached prompt tokens, seconds)."""
         check_str("tenant", tenant)
         check_token_ids("prompt", prompt, self.model.config.vocab_size)
         check_int("max_new_tokens", max_new_tokens, low=1)
-        self.cache.salt = tenant.encode() if self.isolate else b""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # steadier timings, and faster for a model this small
         try:
             start = time.perf_counter()
-            tokens, cached = greedy_generate(self.model, prompt, max_new_tokens, self.cache)
-            return tokens, cached, time.perf_counter() - start
+            rid = f"{tenant}/{self.engine.num_steps}"
+            self.engine.add_request(rid, list(prompt), SamplingParams(max_tokens=max_new_tokens),
+                                    cache_salt=tenant if self.isolate else "")
+            out = None
+            while self.engine.has_unfinished_requests():
+                out = next((o for o in self.engine.step() if o.finished), out)
+            return out.output_token_ids, out.num_cached_tokens, time.perf_counter() - start
         finally:
             torch.set_num_threads(threads)
 
@@ -73,7 +77,7 @@ def probe(server: TenantServer, victim_prompt, guess_prompt, trials: int = 5) ->
     check_token_ids("guess_prompt", guess_prompt, vocab)
     hit_t, miss_t, hit_cached, miss_cached = [], [], [], []
     for k in range(trials):
-        server.cache.entries.clear()
+        server.reset()
         server.serve("tenant-a", victim_prompt)
         tail = [(200 + k + i) % vocab for i in range(3)]
         _, c, t = server.serve("tenant-b", list(guess_prompt) + tail)

@@ -12,6 +12,8 @@ the real router (``router.py``), so what the simulation predicts is what the rou
   request costs as much as many short ones.
 * ``PrefixCacheAware``: the worker that holds the longest cached prefix of the prompt (its KV
   cache skips that prefill); ties, and prompts nobody has cached, go to the least loaded.
+* ``BoundedPrefixAffinity``: the same, among workers whose load is within a bound of the mean.
+* ``KVAware``: cached overlap minus alpha x load, from what the workers report they hold.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..caching.prefix_cache import block_hashes
-from ..validate import check_choice, check_int
+from ..validate import check_choice, check_int, check_real
 
 
 @dataclass
@@ -32,6 +34,11 @@ class WorkerLoad:
     id: str
     outstanding: int = 0          # requests sent and not yet answered
     outstanding_tokens: int = 0   # sum of their prompt + max_new_tokens
+    # What the worker's last heartbeat said (a real router only; the simulator leaves the defaults):
+    queue: int = 0                # requests waiting in its engine
+    running: int = 0              # requests its engine is decoding
+    kv_usage: float = 0.0         # fraction of its KV blocks in use
+    cached_blocks: frozenset = frozenset()   # block hashes its prefix cache holds
 
 
 class Policy:
@@ -116,8 +123,56 @@ class PrefixCacheAware(Policy):
         return best.id
 
 
+class BoundedPrefixAffinity(PrefixCacheAware):
+    """Prefix affinity with a load bound: the longest cached prefix among workers not overloaded.
+
+    Pure prefix affinity sends every request of a popular system prompt to one worker. Here a
+    worker is a candidate only while its outstanding requests stay within ``load_factor`` x the
+    mean (+1), the bound of consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+    SODA 2018); among candidates the longest match wins.
+    """
+
+    name = "prefix-affinity-bounded"
+
+    def __init__(self, block_size: int = 16, capacity: int = 64, load_factor: float = 1.25) -> None:
+        super().__init__(block_size, capacity)
+        self.load_factor = check_real("load_factor", load_factor, low=1,
+                                      why="1 allows no worker above the mean load")
+
+    def choose(self, request, workers):
+        bound = self.load_factor * sum(w.outstanding for w in workers) / len(workers) + 1
+        return super().choose(request, [w for w in workers if w.outstanding <= bound] or workers)
+
+
+class KVAware(Policy):
+    """Score = blocks of the prompt the worker's KV cache holds - alpha x its load; highest wins.
+
+    The router learns what each worker holds from the worker's own events (blocks stored and
+    removed by its prefix cache, sent with its heartbeats: ``WorkerLoad.cached_blocks``), not from
+    a guess of where it sent what, as llm-d's precise prefix-cache scorer and NVIDIA Dynamo's KV
+    router do. Load is the worker's outstanding requests.
+    """
+
+    name = "kv-aware"
+
+    def __init__(self, block_size: int = 16, alpha: float = 1.0) -> None:
+        self.block_size = check_int("block_size", block_size, low=1)
+        self.alpha = check_real("alpha", alpha, low=0, why="blocks of overlap one outstanding request is worth")
+
+    def choose(self, request, workers):
+        hashes = block_hashes(request.prompt, self.block_size)
+
+        def overlap(w):
+            n = 0
+            while n < len(hashes) and hashes[n] in w.cached_blocks:
+                n += 1
+            return n
+
+        return max(workers, key=lambda w: (overlap(w) - self.alpha * w.outstanding, -w.outstanding)).id
+
+
 POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstanding, PowerOfTwoChoices,
-                                      TokenCostAware, PrefixCacheAware)}
+                                      TokenCostAware, PrefixCacheAware, BoundedPrefixAffinity, KVAware)}
 
 
 def make_policy(name: str, **kwargs) -> Policy:

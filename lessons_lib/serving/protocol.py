@@ -8,7 +8,9 @@ Messages (the ``op`` field):
 
 * router -> worker: ``generate`` {id, prompt, max_new_tokens}; ``stop``.
 * worker -> router: ``hello`` {worker, version, fingerprint, pid, vocab_size, max_seq_len} once;
-  ``heartbeat`` {worker, seq} every ``heartbeat_interval`` seconds; ``result`` {id, tokens, worker,
+  ``heartbeat`` {worker, seq, queue, running, kv_usage, progress, stored, removed} every
+  ``heartbeat_interval`` seconds (load, tokens produced so far, and the block hashes its prefix
+  cache stored and removed since the last one); ``result`` {id, tokens, worker,
   version, cached_tokens, service_s}; ``error`` {id, error}; ``bad-frame`` {error} when it could not
   read what the router sent (it then exits).
 
@@ -26,7 +28,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from ..validate import BadArgument, bad, check_int, check_str
+from ..validate import BadArgument, bad, check_int, check_real, check_str
 
 HEADER = struct.Struct("!I")
 MAX_MESSAGE = 16 * 1024 * 1024   # a bound, so a corrupt length cannot make us allocate gigabytes
@@ -140,6 +142,22 @@ def parse_hello(msg: dict) -> dict:
             "pid": message_field(msg, "pid", check_int, low=1),
             "vocab_size": message_field(msg, "vocab_size", check_int, low=1),
             "max_seq_len": message_field(msg, "max_seq_len", check_int, low=1)}
+
+
+def _hash_list(name: str, value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and 0 < len(h) <= 128 for h in value):
+        raise bad(name, value, "a list of block hashes (hex strings)")
+    return tuple(value)
+
+
+def parse_heartbeat(msg: dict) -> dict:
+    """The router's check of a heartbeat: its load and progress fields, each of its type."""
+    return {"queue": message_field(msg, "queue", check_int, low=0),
+            "running": message_field(msg, "running", check_int, low=0),
+            "kv_usage": message_field(msg, "kv_usage", check_real, low=0, high=1),
+            "progress": message_field(msg, "progress", check_int, low=0),
+            "stored": message_field(msg, "stored", _hash_list),
+            "removed": message_field(msg, "removed", _hash_list)}
 
 
 def parse_result(msg: dict, request: "Request", worker: str, version: str, vocab_size: int) -> dict:

@@ -19,6 +19,13 @@ Failure handling, in one place (see ``health.py`` for the parts):
 * a heartbeat cannot see a worker that answers on time with *wrong* tokens. With
   ``verify_fraction > 0`` a seeded sample of requests is re-run on a second replica; when the two
   disagree a third breaks the tie, the majority answer is delivered and the outvoted worker fenced;
+* a worker can be alive and still stuck (a kernel that never returns, a thread deadlocked while
+  the heartbeat thread goes on). Heartbeats carry *progress*, the tokens its engine has produced;
+  a worker that owes requests and produces nothing for ``progress_timeout`` seconds is fenced and
+  its requests re-dispatched: liveness is not progress;
+* a *poison* request (one that crashes whoever serves it) must not walk through the fleet: each
+  failure of a worker counts against every request it owed, and a request that was on
+  ``quarantine_after`` failed workers is quarantined (ended with :class:`RequestQuarantined`);
 * every request ends: answered, or failed with a named error (also when the router is closed).
 """
 
@@ -44,8 +51,8 @@ from ..validate import BadArgument, bad, check_choice, check_int, check_probabil
 from .faults import ANSWER_FAULTS
 from .health import ExactlyOnce, FailureDetector, backoff_delays
 from .policies import Policy, WorkerLoad, make_policy
-from .protocol import (LOOPBACK, BadFrame, ProtocolError, Request, Response, encode, message_field, parse_hello,
-                       parse_result, recv_msg, send_msg)
+from .protocol import (LOOPBACK, BadFrame, ProtocolError, Request, Response, encode, message_field, parse_heartbeat,
+                       parse_hello, parse_result, recv_msg, send_msg)
 from .worker import check_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +70,10 @@ class RouterClosed(RequestFailed):
     """The router was closed before the request was answered, or a request came after it was."""
 
 
+class RequestQuarantined(RequestFailed):
+    """A request was on several workers that failed: it is ended rather than sent to another one."""
+
+
 class DuplicateRequestId(BadArgument):
     """A request id was submitted again with a different request: an id names one request."""
 
@@ -74,11 +85,13 @@ class WorkerSpec:
     id: str
     version: str = "v1"
     model: str = "auto"
-    delay: float = 0.0          # extra seconds per generated token (a slow worker)
+    delay: float = 0.0          # extra seconds per engine step (a slow worker)
     crash_after: int = 0        # the worker exits after this many results (0: never)
-    block_size: int = 16        # prefix-cache block size (0: no prefix cache)
+    block_size: int = 16        # KV block size (0: blocks of 16, no prefix caching)
     fault: str | None = None    # corrupt its answers: one of faults.ANSWER_FAULTS (None: honest)
     fault_after: int = 0        # ... after this many honest answers
+    crash_on_token: int | None = None   # the worker exits when a prompt holds this token (a poison request)
+    max_num_seqs: int = 8       # requests its engine runs at once
 
     def __post_init__(self) -> None:
         check_str("id", self.id)
@@ -90,6 +103,9 @@ class WorkerSpec:
         if self.fault is not None:
             check_choice("fault", self.fault, ANSWER_FAULTS, why="or None for an honest worker")
         check_int("fault_after", self.fault_after, low=0)
+        if self.crash_on_token is not None:
+            check_int("crash_on_token", self.crash_on_token, low=0, why="a token id, or None")
+        check_int("max_num_seqs", self.max_num_seqs, low=1)
 
 
 @dataclass
@@ -107,16 +123,23 @@ class WorkerHandle:
     outstanding: dict = field(default_factory=dict)   # request id -> Request, owed by this worker
     sent: set = field(default_factory=set)             # every request id ever sent to it
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    reported: dict = field(default_factory=dict)       # its last heartbeat's load fields
+    cached: set = field(default_factory=set)           # block hashes its prefix cache holds
+    progress: int = 0                                  # tokens its engine has produced
+    progress_at: float = field(default_factory=time.monotonic)   # when progress last moved
 
     def load(self) -> WorkerLoad:
         return WorkerLoad(self.spec.id, len(self.outstanding),
-                          sum(r.cost_tokens for r in self.outstanding.values()))
+                          sum(r.cost_tokens for r in self.outstanding.values()),
+                          self.reported.get("queue", 0), self.reported.get("running", 0),
+                          self.reported.get("kv_usage", 0.0), frozenset(self.cached))
 
 
 class Router:
     def __init__(self, specs, policy: str | Policy = "round-robin", *, heartbeat_interval: float = 0.1,
                  failure_timeout: float = 1.0, max_attempts: int = 4, backoff_base: float = 0.05,
-                 seed: int = 0, start_timeout: float = 90.0, verify_fraction: float = 0.0) -> None:
+                 seed: int = 0, start_timeout: float = 90.0, verify_fraction: float = 0.0,
+                 progress_timeout: float = 30.0, quarantine_after: int = 2) -> None:
         if isinstance(specs, WorkerSpec):
             raise bad("specs", specs, "a list of WorkerSpec", f"wrap it: [{specs!r}]")
         try:
@@ -143,6 +166,12 @@ class Router:
         self.seed = check_int("seed", seed)
         self.start_timeout = check_real("start_timeout", start_timeout, low=0, low_open=True)
         self.verify_fraction = check_probability("verify_fraction", verify_fraction)
+        self.progress_timeout = check_real(
+            "progress_timeout", progress_timeout, low=failure_timeout, low_open=True,
+            why="seconds a worker that owes requests may produce no token; longer than the failure "
+                "timeout, and than the slowest legitimate step (a long prefill)")
+        self.quarantine_after = check_int("quarantine_after", quarantine_after, low=1,
+                                          why="failed workers a request may have been on before it is ended")
         self.detector = FailureDetector(failure_timeout)
         self.answers = ExactlyOnce()
         self.workers: dict[str, WorkerHandle] = {}
@@ -154,6 +183,7 @@ class Router:
         self._futures: dict[str, Future] = {}
         self._submitted: dict[str, float] = {}
         self._attempts: dict[str, int] = {}
+        self._strikes: dict[str, int] = {}             # request id -> failed workers it was on
         self._history: dict[str, list[str]] = {}     # request id -> "worker: why" per failed attempt
         self._votes: dict[str, list[Response]] = {}   # request id -> answers so far, when verified
         self._lock = threading.RLock()
@@ -175,6 +205,9 @@ class Router:
                    "--block-size", str(s.block_size), "--crash-after", str(s.crash_after)]
             if s.fault is not None:
                 cmd += ["--fault", s.fault, "--fault-after", str(s.fault_after)]
+            if s.crash_on_token is not None:
+                cmd += ["--crash-on-token", str(s.crash_on_token)]
+            cmd += ["--max-num-seqs", str(s.max_num_seqs)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                     env=env)
             started.append((s, proc, log))
@@ -346,6 +379,8 @@ class Router:
                     raise RuntimeError(f"policy {getattr(self.policy, 'name', self.policy)!r} chose "
                                        f"{wid!r}, not one of the live workers {sorted(h.spec.id for h in live)}")
                 chosen = self.workers[wid]
+                if not chosen.outstanding:
+                    chosen.progress_at = time.monotonic()   # idle until now: its progress clock starts
                 chosen.outstanding[rid] = request
                 chosen.sent.add(rid)
             elif voted:
@@ -409,7 +444,7 @@ class Router:
     def _handle(self, h: WorkerHandle, msg: dict) -> None:
         op = msg["op"]
         if op == "heartbeat":
-            self.detector.heartbeat(h.spec.id)
+            self._on_heartbeat(h, parse_heartbeat(msg))
         elif op == "result":
             self._on_result(h, msg)
         elif op == "error":
@@ -419,6 +454,15 @@ class Router:
                              fence=True)
         else:
             raise BadFrame(f"unknown op {op!r}")
+
+    def _on_heartbeat(self, h: WorkerHandle, beat: dict) -> None:
+        self.detector.heartbeat(h.spec.id)
+        with self._lock:
+            h.reported = beat
+            h.cached.difference_update(beat["removed"])
+            h.cached.update(beat["stored"])
+            if beat["progress"] != h.progress:
+                h.progress, h.progress_at = beat["progress"], time.monotonic()
 
     def _owed(self, h: WorkerHandle, msg: dict) -> tuple[str, Request | None]:
         """The request a result or error answers; None if the worker no longer owes it."""
@@ -439,6 +483,7 @@ class Router:
         # worker re-dispatches it.
         fields = parse_result(msg, request, h.spec.id, h.spec.version, h.vocab_size)
         with self._lock:
+            h.progress_at = time.monotonic()           # an answer is progress too
             if h.outstanding.pop(rid, None) is None:   # taken from it meanwhile (declared failed)
                 self._late += 1
                 return
@@ -493,6 +538,12 @@ class Router:
         while not self._closed:
             for wid in self.detector.suspects():
                 self._on_failure(self.workers[wid], "heartbeat timeout")
+            now = time.monotonic()
+            for h in list(self.workers.values()):
+                stalled = now - h.progress_at
+                if h.alive and h.outstanding and stalled > self.progress_timeout:
+                    self._on_failure(h, f"no progress for {stalled:.1f} s while owing "
+                                        f"{len(h.outstanding)} requests (alive, but stuck)", fence=True)
             time.sleep(self.heartbeat_interval / 2)
 
     def _on_failure(self, h: WorkerHandle, reason: str, fence: bool = False) -> None:
@@ -515,7 +566,13 @@ class Router:
                 pass
         for r in orphans:
             self._history.setdefault(r.id, []).append(f"{h.spec.id}: {reason}")
-            if self._attempts[r.id] >= self.max_attempts:
+            self._strikes[r.id] = self._strikes.get(r.id, 0) + 1
+            if self._strikes[r.id] >= self.quarantine_after and self.quarantine_after > 0:
+                self._finish(r.id, error=RequestQuarantined(
+                    f"request {r.id} was on {self._strikes[r.id]} workers that failed "
+                    f"({'; '.join(self._history[r.id])}); quarantined so that it cannot take down "
+                    f"another replica (quarantine_after={self.quarantine_after})"))
+            elif self._attempts[r.id] >= self.max_attempts:
                 self._finish(r.id, error=RequestFailed(
                     f"request {r.id}: all {self._attempts[r.id]} attempts failed "
                     f"({'; '.join(self._history[r.id])}); giving up (max_attempts={self.max_attempts})"))

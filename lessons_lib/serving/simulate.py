@@ -117,7 +117,8 @@ def simulate(trace, policy: str | Policy, speeds=(1.0, 1.0, 1.0, 0.3), *,
 
     def load(w):
         reqs = list(queues[w])
-        return WorkerLoad(w, len(reqs), sum(r.cost_tokens for r in reqs))
+        # The blocks it caches are what its KV events would have told a real router.
+        return WorkerLoad(w, len(reqs), sum(r.cost_tokens for r in reqs), cached_blocks=frozenset(caches[w]))
 
     def start_next(w, now):
         nonlocal seq

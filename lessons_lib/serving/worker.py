@@ -1,17 +1,19 @@
-"""A serving worker: one process, one model replica, one request queue, on a loopback socket.
+"""A serving worker: one process, one model replica, one serving engine, on a loopback socket.
 
 Started by the router as ``python -m lessons_lib.serving.worker --worker-id w0 --version v1 ...``.
 It listens on 127.0.0.1 (port chosen by the OS), prints ``{"port": N}`` on stdout, accepts exactly
 one connection (the router's) and then runs three threads:
 
-* a reader that puts incoming requests on the worker's FIFO queue (a frame it cannot read is
+* a reader that puts incoming requests on the worker's inbox (a frame it cannot read is
   reported to the router as ``bad-frame`` and the worker exits: the router re-sends what it owed);
-* the compute loop (main thread): greedy decoding, one request at a time;
+* the engine loop (main thread): every request in the inbox joins the :class:`LLMEngine`, which
+  advances all of them together one step at a time (continuous batching over a paged KV cache
+  with prefix caching); each finished request is answered at once;
 * a heartbeat sender, which also watches the parent: if the router process dies the worker exits,
-  so no replica outlives the program that started it.
-
-Each worker keeps a prefix cache: the keys and values of recent prompts at every full block
-boundary, so a prompt that shares a long prefix with an earlier one only prefills the rest.
+  so no replica outlives the program that started it. A heartbeat says the process is alive; it
+  also carries the engine's load (waiting, running, KV usage), its *progress* (tokens produced so
+  far: a worker stuck in compute keeps heart-beating but its progress stops) and the block hashes
+  its prefix cache stored and removed since the last one, for KV-aware routing.
 """
 
 from __future__ import annotations
@@ -25,11 +27,9 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
 
-from ..validate import bad, check_int, check_real, check_str, check_token_ids
+from ..validate import bad, check_str
 from .faults import ANSWER_FAULTS, corrupt_answer
-from .policies import block_hashes
 from .protocol import LOOPBACK, BadFrame, ProtocolError, parse_generate, recv_msg, send_msg
 
 BAD_FRAME_EXIT = 3   # the exit status of a worker that could not read the router's message
@@ -60,80 +60,24 @@ def load_model(spec: str):
     return TinyLM(ModelConfig()).eval()
 
 
-class PrefixKVCache:
-    """Keys/values after prefill, found by the hash chain of the prompt's full blocks (LRU)."""
+def make_engine(model, block_size: int = 16, max_num_seqs: int = 8):
+    """The worker's engine: prefix caching on unless ``block_size`` is 0 (then blocks of 16)."""
+    from ..engine import LLMEngine
 
-    def __init__(self, block_size: int = 16, capacity: int = 64) -> None:
-        self.block_size = check_int("block_size", block_size, low=1)
-        self.capacity = check_int("capacity", capacity, low=1)
-        self.entries: OrderedDict[str, tuple[int, list]] = OrderedDict()
-
-    def _hashes(self, prompt) -> list[str]:
-        return block_hashes(prompt, self.block_size)
-
-    def lookup(self, prompt) -> tuple[int, list | None]:
-        """(cached tokens, per-layer (k, v) sliced to them). Always leaves >= 1 token to prefill,
-        because the last prompt token's logits are needed to pick the first new token."""
-        best = (0, None)
-        for i, h in enumerate(self._hashes(prompt)):
-            n = (i + 1) * self.block_size
-            if n >= len(prompt) or h not in self.entries:
-                break
-            self.entries.move_to_end(h)
-            best = (n, self.entries[h][1])
-        n, kv = best
-        if kv is None:
-            return 0, None
-        return n, [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
-
-    def insert(self, prompt, kv: list) -> None:
-        for i, h in enumerate(self._hashes(prompt)):
-            self.entries[h] = ((i + 1) * self.block_size, kv)
-            self.entries.move_to_end(h)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-
-
-def greedy_generate(model, prompt, max_new_tokens: int, prefix_cache: PrefixKVCache | None = None,
-                    delay_per_token: float = 0.0) -> tuple[list[int], int]:
-    """Greedy decoding with a KV cache, reusing a cached prefix. Returns (new tokens, cached)."""
-    import torch
-
-    from ..model import KVCache
-
-    check_token_ids("prompt", prompt, model.config.vocab_size)
-    check_int("max_new_tokens", max_new_tokens, low=0)
-    check_real("delay_per_token", delay_per_token, low=0)
-    cached, kv = prefix_cache.lookup(prompt) if prefix_cache is not None else (0, None)
-    cache = KVCache(len(model.layers))
-    if kv is not None:
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.k, layer.v = k, v
-    out = []
-    with torch.no_grad():
-        logits = model(torch.tensor([list(prompt[cached:])]), cache=cache)
-        if prefix_cache is not None:
-            # torch.cat in the cache makes new tensors each step, so these stay the prefill's.
-            prefix_cache.insert(prompt, [(layer.k, layer.v) for layer in cache.layers])
-        for step in range(max_new_tokens):
-            next_id = int(logits[0, -1].argmax())
-            out.append(next_id)
-            if delay_per_token:
-                time.sleep(delay_per_token)   # an injected slow worker (e.g. a throttled GPU)
-            if step + 1 < max_new_tokens:
-                logits = model(torch.tensor([[next_id]]), cache=cache)
-    return out, cached
+    return LLMEngine(model, block_size=block_size or 16, max_num_seqs=max_num_seqs,
+                     enable_prefix_caching=block_size > 0)
 
 
 def serve(args) -> None:
     import torch
 
+    from ..engine import SamplingParams
     from .fingerprint import state_fingerprint
 
     torch.set_num_threads(1)   # several workers share few cores
     model = load_model(args.model)
     fingerprint = state_fingerprint(model.state_dict())
-    prefix_cache = PrefixKVCache(args.block_size) if args.block_size > 0 else None
+    engine = make_engine(model, args.block_size, args.max_num_seqs)
 
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind((LOOPBACK, 0))    # loopback only: nothing off this machine can connect
@@ -144,6 +88,21 @@ def serve(args) -> None:
     server.close()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     send_lock = threading.Lock()
+    # What the heartbeat reports, published by the engine loop after each step. The heartbeat
+    # thread never waits for a step: a slow or stuck step must show as missing progress, while
+    # the heartbeats (liveness) go on.
+    state_lock = threading.Lock()
+    state = {"queue": 0, "running": 0, "kv_usage": 0.0, "progress": 0}
+    events: list[tuple[str, str]] = []
+
+    def publish():
+        stats = engine.stats()
+        cache = engine.block_manager.prefix_cache
+        drained = cache.drain_events() if cache is not None else []
+        with state_lock:
+            state.update(queue=stats.num_waiting, running=stats.num_running,
+                         kv_usage=round(stats.kv_usage, 4), progress=stats.num_generated_tokens)
+            events.extend(drained)
 
     def send(obj):
         with send_lock:
@@ -151,7 +110,7 @@ def serve(args) -> None:
 
     send({"op": "hello", "worker": args.worker_id, "version": args.version,
           "fingerprint": fingerprint, "pid": os.getpid(), "vocab_size": model.config.vocab_size,
-          "max_seq_len": model.config.max_seq_len})
+          "max_seq_len": model.config.max_seq_len, "block_size": engine.block_size})
     inbox: queue.Queue = queue.Queue()
     stopping = threading.Event()   # "stop" overtakes the queue: the router has re-sent or failed it all
 
@@ -183,9 +142,16 @@ def serve(args) -> None:
         while True:
             if os.getppid() != args.parent_pid:
                 os._exit(0)
+            with state_lock:
+                load = dict(state)
+                news = events[:]
+                events.clear()
             try:
                 send({"op": "heartbeat", "worker": args.worker_id, "seq": seq,
-                      "queue": inbox.qsize()})
+                      "queue": inbox.qsize() + load["queue"], "running": load["running"],
+                      "kv_usage": load["kv_usage"], "progress": load["progress"],
+                      "stored": [h for kind, h in news if kind == "stored"],
+                      "removed": [h for kind, h in news if kind == "removed"]})
             except OSError:
                 os._exit(0)
             seq += 1
@@ -194,28 +160,47 @@ def serve(args) -> None:
     threading.Thread(target=reader, daemon=True).start()
     threading.Thread(target=heartbeat, daemon=True).start()
     served = 0
-    while True:
-        job = inbox.get()
-        if job is None or stopping.is_set():
-            break
-        rid, prompt, max_new_tokens = job
-        start = time.perf_counter()
+    started: dict[str, float] = {}
+    while not stopping.is_set():
+        # Take every request that has arrived; wait for one only when the engine is idle.
+        jobs = []
         try:
-            tokens, cached = greedy_generate(model, prompt, max_new_tokens, prefix_cache, args.delay)
-        except Exception as e:   # a bad request must not kill the replica
-            send({"op": "error", "id": rid, "error": f"{type(e).__name__}: {e}"})
+            jobs.append(inbox.get(timeout=None if not engine.has_unfinished_requests() else 0))
+            while True:
+                jobs.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if None in jobs:
+            break
+        for rid, prompt, max_new_tokens in jobs:
+            if args.crash_on_token is not None and args.crash_on_token in prompt:
+                os._exit(1)   # an injected poison request: this prompt crashes the replica
+            try:
+                engine.add_request(rid, list(prompt), SamplingParams(max_tokens=max_new_tokens))
+                started[rid] = time.perf_counter()
+            except Exception as e:   # a bad request must not kill the replica
+                send({"op": "error", "id": rid, "error": f"{type(e).__name__}: {e}"})
+        if not engine.has_unfinished_requests():
             continue
-        result = {"op": "result", "id": rid, "tokens": tokens, "worker": args.worker_id,
-                  "version": args.version, "cached_tokens": cached,
-                  "service_s": time.perf_counter() - start}
-        if args.fault and served >= args.fault_after:
-            with send_lock:
-                conn.sendall(corrupt_answer(result, args.fault, model.config.vocab_size))
-        else:
-            send(result)
-        served += 1
-        if args.crash_after and served >= args.crash_after:
-            os._exit(1)   # injected crash
+        outputs = engine.step()
+        publish()
+        if args.delay:
+            time.sleep(args.delay)   # an injected slow worker (e.g. a throttled GPU): per step
+        for out in outputs:
+            if not out.finished:
+                continue
+            result = {"op": "result", "id": out.request_id, "tokens": out.output_token_ids,
+                      "worker": args.worker_id, "version": args.version,
+                      "cached_tokens": out.num_cached_tokens,
+                      "service_s": time.perf_counter() - started.pop(out.request_id)}
+            if args.fault and served >= args.fault_after:
+                with send_lock:
+                    conn.sendall(corrupt_answer(result, args.fault, model.config.vocab_size))
+            else:
+                send(result)
+            served += 1
+            if args.crash_after and served >= args.crash_after:
+                os._exit(1)   # injected crash
     conn.close()
 
 
@@ -226,8 +211,11 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="auto")
     p.add_argument("--parent-pid", type=int, default=os.getppid())
     p.add_argument("--heartbeat-interval", type=float, default=0.1)
-    p.add_argument("--delay", type=float, default=0.0, help="extra seconds per new token")
-    p.add_argument("--block-size", type=int, default=16, help="prefix-cache block; 0 disables")
+    p.add_argument("--delay", type=float, default=0.0, help="extra seconds per engine step")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size; 0 disables prefix caching")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests the engine runs at once")
+    p.add_argument("--crash-on-token", type=int, default=None,
+                   help="exit when a prompt holds this token (an injected poison request)")
     p.add_argument("--crash-after", type=int, default=0, help="exit after N results (0: never)")
     p.add_argument("--fault", choices=sorted(ANSWER_FAULTS), default=None,
                    help="corrupt every answer after the first --fault-after ones")
