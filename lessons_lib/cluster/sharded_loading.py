@@ -110,9 +110,9 @@ def _check_tp(tp: int, shapes: dict, config: dict | None) -> None:
                              f"{[d for d in range(1, n + 1) if n % d == 0]}")
         kv = config.get("n_kv_heads", tp)
         if kv % tp and tp % kv:
+            valid = [d for d in range(1, n + 1) if n % d == 0 and (kv % d == 0 or d % kv == 0)]
             raise ValueError(f"tp={tp} neither divides n_kv_heads={kv} nor is a multiple of it: "
-                             f"choose tp among {[d for d in range(1, n + 1) if n % d == 0 and (kv % d == 0 or d % kv == 0)]} "
-                             f"(past {kv}, each KV head is replicated)")
+                             f"choose tp among {valid} (past {kv}, each KV head is replicated)")
     for name, shape in shapes.items():
         dim = split_dim(name)
         if dim is not None and shape[dim] % tp and not _kv_replicated(name, tp, config):
