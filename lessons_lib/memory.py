@@ -85,6 +85,18 @@ def kv_cache_bytes(shape: LLMShape, batch: int, context: int, dtype: str = "bf16
     return per_token * batch * context
 
 
+def _activation_parts(shape: LLMShape, sequences: int, context: int, dtype: str) -> dict[str, float]:
+    """One layer's transient tensors at the MLP's peak during prefill, in three parts.
+
+    ``stream``: the residual stream and the normed input, ``2 x tokens x hidden``; ``mlp``: the gate
+    and up projections, ``2 x tokens x ffn``; ``logits``: the fp32 logits of the last position,
+    ``sequences x vocab x 4`` bytes.
+    """
+    tokens, nbytes = sequences * context, _dtype_bytes(dtype)
+    return {"stream": 2 * tokens * shape.hidden * nbytes, "mlp": 2 * tokens * shape.ffn * nbytes,
+            "logits": sequences * shape.vocab * 4.0}
+
+
 def activation_bytes(shape: LLMShape, batch: int, context: int, dtype: str = "bf16") -> float:
     """Peak transient memory of one layer during prefill (inference keeps no activations between layers).
 
@@ -94,26 +106,35 @@ def activation_bytes(shape: LLMShape, batch: int, context: int, dtype: str = "bf
     (b x vocab x 4 bytes) are added.
     """
     _check_shape(shape), _positive("batch", batch), _positive("context", context)
-    tokens = batch * context
-    layer = (2 * tokens * shape.hidden + 2 * tokens * shape.ffn) * _dtype_bytes(dtype)
-    return layer + batch * shape.vocab * 4
+    return sum(_activation_parts(shape, batch, context, dtype).values())
 
 
 def memory_per_device(shape: LLMShape, *, dtype: str = "bf16", batch: int = 1, context: int = 4096,
-                      devices: int = 1, strategy: str = "single") -> dict[str, float]:
+                      devices: int = 1, strategy: str = "single",
+                      micro_batches: int = 1) -> dict[str, float]:
     """Bytes per device of weights, KV cache and activations under one parallel strategy.
 
     - ``single``: one device holds everything (``devices`` must be 1).
     - ``data``: every device holds all the weights and serves ``batch / devices`` of the requests.
     - ``tensor``: weights, KV heads and the MLP width are split ``devices`` ways; KV heads are
-      replicated once ``devices`` exceeds them (a device cannot hold less than one head).
-    - ``pipeline``: layers are split ``devices`` ways, with their weights and KV cache; a device holds
-      one layer's activations at a time, as before.
+      replicated once ``devices`` exceeds them (a device cannot hold less than one head). Without
+      sequence parallelism (this course's tensor parallelism, lesson 12) the residual stream and the
+      norm's output are *replicated*: every rank holds all ``b x s x hidden`` of them, so only the
+      MLP's gate and up projections shrink with ``devices``.
+    - ``pipeline``: layers are split ``devices`` ways, with their weights and KV cache. The batch
+      runs as ``micro_batches`` micro-batches: a stage computes one layer of one micro-batch at a
+      time, and holds the stage-boundary hidden state (``b/m x s x hidden``) of every other
+      micro-batch in flight, as this course's executor does (it keeps each sent output until the
+      send completes; the first stage keeps all its inputs). ``micro_batches=1`` is no micro-batching.
     """
     check_choice("strategy", strategy, STRATEGIES)
-    _check_shape(shape), _positive("devices", devices)
+    _check_shape(shape), _positive("devices", devices), _positive("batch", batch)
+    _positive("context", context), _positive("micro_batches", micro_batches)
     if strategy == "single" and devices != 1:
         raise bad("devices", devices, "1 for strategy='single'", "choose 'data', 'tensor' or 'pipeline'")
+    if micro_batches != 1 and strategy != "pipeline":
+        raise bad("micro_batches", micro_batches, f"1 for strategy={strategy!r}",
+                  "only a pipeline splits its batch into micro-batches")
     weights = weight_bytes(shape, dtype)
     kv = kv_cache_bytes(shape, batch, context, dtype)
     act = activation_bytes(shape, batch, context, dtype)
@@ -128,12 +149,20 @@ def memory_per_device(shape: LLMShape, *, dtype: str = "bf16", batch: int = 1, c
         weights /= devices
         kv_heads_here = max(1, -(-shape.n_kv_heads // devices))
         kv = kv * kv_heads_here / shape.n_kv_heads
-        act /= devices
+        parts = _activation_parts(shape, batch, context, dtype)
+        # the residual stream, the norm's output and the gathered logits are whole on every rank
+        act = parts["stream"] + parts["mlp"] / devices + parts["logits"]
     elif strategy == "pipeline":
         check_int("devices", devices, low=1, high=shape.n_layers,
                   why=f"a pipeline stage needs at least one of the {shape.n_layers} layers")
+        check_int("micro_batches", micro_batches, low=1, high=batch,
+                  why=f"each micro-batch needs at least one of the batch={batch} sequences")
         share = -(-shape.n_layers // devices) / shape.n_layers  # the stage with the most layers
         weights, kv = weights * share, kv * share
+        micro = -(-batch // micro_batches)  # sequences in the largest micro-batch
+        parts = _activation_parts(shape, micro, context, dtype)
+        waiting = (micro_batches - 1) * micro * context * shape.hidden * _dtype_bytes(dtype)
+        act = parts["stream"] + parts["mlp"] + waiting + batch * shape.vocab * 4.0
     return {"weights": weights, "kv_cache": kv, "activations": act, "total": weights + kv + act}
 
 
@@ -153,11 +182,21 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def fits(per_device: dict[str, float], device_gib: float, reserve: float = 0.1) -> bool:
-    """Whether the total fits a device, keeping ``reserve`` of it for the runtime and fragmentation."""
+def usable_bytes(device_gib: float, headroom: float) -> float:
+    """The bytes of a ``device_gib`` device left for the model once ``headroom`` of it is kept back
+    (for the CUDA context, the communication library's buffers and allocator fragmentation)."""
+    check_real("device_gib", device_gib, low=0, low_open=True)
+    check_real("headroom", headroom, low=0, high=1, high_open=True,
+               why="the share of the device kept back for the runtime and fragmentation")
+    return device_gib * GiB * (1 - headroom)
+
+
+def fits(per_device: dict[str, float], device_gib: float, *, headroom: float) -> bool:
+    """Whether the total fits a device once ``headroom`` of it is kept back (0.1: 10 %).
+
+    ``headroom`` has no default on purpose: a verdict of "does not fit" for 73.7 GiB on an 80 GiB
+    device only makes sense next to the headroom that produced it, so every caller names it.
+    """
     if not isinstance(per_device, dict) or "total" not in per_device:
         raise bad("per_device", per_device, "the dict memory_per_device returns (with a 'total')")
-    check_real("device_gib", device_gib, low=0, low_open=True)
-    check_real("reserve", reserve, low=0, high=1, high_open=True,
-               why="the share of the device kept for the runtime and fragmentation")
-    return per_device["total"] <= device_gib * GiB * (1 - reserve)
+    return per_device["total"] <= usable_bytes(device_gib, headroom)

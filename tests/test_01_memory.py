@@ -6,7 +6,7 @@ import pytest
 matplotlib.use("Agg")
 
 from lessons_lib.memory import (GiB, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, activation_bytes, fits,
-                                kv_cache_bytes, memory_per_device, weight_bytes)
+                                kv_cache_bytes, memory_per_device, usable_bytes, weight_bytes)
 from lessons_lib.viz.memory import MemoryCalculator, memory_report
 
 pytestmark = pytest.mark.lesson01
@@ -35,7 +35,7 @@ def test_strategies_divide_what_they_should():
     assert tp["weights"] == pytest.approx(one["weights"] / 4)
     assert tp["kv_cache"] == pytest.approx(one["kv_cache"] / 4)
     assert pp["weights"] == pytest.approx(one["weights"] / 4)       # 40 layers / 4 stages
-    assert pp["activations"] == one["activations"]                 # one layer at a time, as before
+    assert pp["activations"] == one["activations"]                 # no micro-batches: one layer, whole batch
     assert dp["weights"] == one["weights"] and dp["kv_cache"] == pytest.approx(one["kv_cache"] / 4)
 
 
@@ -47,10 +47,54 @@ def test_tensor_parallel_beyond_the_kv_heads_replicates_them():
 
 
 def test_70b_needs_more_than_one_80gib_device_in_bf16():
-    assert not fits(memory_per_device(LLAMA2_70B), 80)
-    assert fits(memory_per_device(LLAMA2_70B, devices=4, strategy="tensor"), 80)
+    assert not fits(memory_per_device(LLAMA2_70B), 80, headroom=0.1)
+    assert fits(memory_per_device(LLAMA2_70B, devices=4, strategy="tensor"), 80, headroom=0.1)
     assert weight_bytes(LLAMA2_70B, "int4") == weight_bytes(LLAMA2_70B, "bf16") / 4
     assert activation_bytes(LLAMA2_7B, 2, 100) > activation_bytes(LLAMA2_7B, 1, 100)
+
+
+def test_tensor_parallel_replicates_the_residual_stream_without_sequence_parallelism():
+    b, s, h, f, v = 8, 4096, LLAMA2_70B.hidden, LLAMA2_70B.ffn, LLAMA2_70B.vocab
+    for tp in (2, 4, 8):
+        act = memory_per_device(LLAMA2_70B, batch=b, context=s, devices=tp, strategy="tensor")["activations"]
+        # residual stream + normed input whole on every rank, gate + up split, fp32 logits whole
+        assert act == 2 * b * s * h * 2 + 2 * b * s * f * 2 / tp + b * v * 4
+    tp2 = memory_per_device(LLAMA2_70B, batch=b, context=s, devices=2, strategy="tensor")
+    assert tp2["activations"] > activation_bytes(LLAMA2_70B, b, s) / 2
+
+
+def test_pipeline_activations_follow_the_micro_batches():
+    b, s, h, f, v = 8, 4096, LLAMA2_70B.hidden, LLAMA2_70B.ffn, LLAMA2_70B.vocab
+    def pp(m):
+        return memory_per_device(LLAMA2_70B, batch=b, context=s, devices=2, strategy="pipeline",
+                                 micro_batches=m)["activations"]
+    assert pp(1) == activation_bytes(LLAMA2_70B, b, s)
+    # one layer of one micro-batch of 4, plus the other micro-batch's boundary hidden state
+    assert pp(2) == (2 * 4 * s * h + 2 * 4 * s * f + 1 * 4 * s * h) * 2 + b * v * 4
+    # uneven: 8 sequences in 3 micro-batches of at most 3; two others wait
+    assert pp(3) == (2 * 3 * s * h + 2 * 3 * s * f + 2 * 3 * s * h) * 2 + b * v * 4
+    assert pp(1) > pp(2) > pp(4) > pp(8)
+    # the boundary states of all micro-batches together never exceed the whole batch's
+    assert pp(8) >= (b - 1) * s * h * 2
+
+
+def test_fits_names_its_headroom():
+    need = {"total": 73.7 * GiB}
+    assert fits(need, 80, headroom=0.0) and not fits(need, 80, headroom=0.1)
+    assert usable_bytes(80, 0.1) == pytest.approx(72 * GiB)
+    with pytest.raises(TypeError, match="headroom"):
+        fits(need, 80)  # no silent default
+
+
+def test_tp2_and_pp2_of_70b_sit_at_the_edge_of_an_80gib_device():
+    """Lesson 01's conclusion: with 10 % headroom TP x2 fits by a hair, PP x2 only with micro-batches."""
+    kw = dict(batch=8, context=4096, devices=2)
+    tp2 = memory_per_device(LLAMA2_70B, strategy="tensor", **kw)
+    pp2 = memory_per_device(LLAMA2_70B, strategy="pipeline", **kw)
+    pp2m = memory_per_device(LLAMA2_70B, strategy="pipeline", micro_batches=2, **kw)
+    assert tp2["total"] / GiB == pytest.approx(72.0, abs=0.05)
+    assert abs(tp2["total"] - usable_bytes(80, 0.1)) < 0.01 * GiB
+    assert not fits(pp2, 80, headroom=0.1) and fits(pp2m, 80, headroom=0.1)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -61,6 +105,9 @@ def test_70b_needs_more_than_one_80gib_device_in_bf16():
     (dict(devices=2), "devices=2 is not valid: expected 1 for strategy='single'"),
     (dict(devices=4, strategy="data", batch=2), "batch=2 is not valid: expected at least devices=4"),
     (dict(devices=81, strategy="pipeline"), r"devices=81 is not valid: expected an int in \[1, 80\]"),
+    (dict(devices=2, strategy="data", batch=2, micro_batches=2), "micro_batches=2 is not valid: expected 1"),
+    (dict(devices=2, strategy="pipeline", batch=2, micro_batches=4),
+     r"micro_batches=4 is not valid: expected an int in \[1, 2\]"),
 ])
 def test_bad_inputs_name_the_parameter(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -88,4 +135,6 @@ def test_calculator_explains_an_impossible_choice_and_keeps_its_report():
 def test_report_is_plain_data():
     report = memory_report("Llama-2-7B", "bf16", 1, 4096, 1, "single", 24)
     assert report["fits"] and set(report["gib"]) == {"weights", "kv_cache", "activations", "total"}
+    assert report["headroom"] == 0.1
+    assert not memory_report("Llama-2-70B", "bf16", 8, 4096, 2, "tensor", 80, headroom=0.2)["fits"]
     assert report["gib"]["weights"] == pytest.approx(weight_bytes(LLAMA2_7B) / GiB)

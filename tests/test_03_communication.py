@@ -243,3 +243,19 @@ def test_alpha_beta_fit_recovers_known_parameters():
 def test_bus_bandwidth_is_nccl_tests_definition():
     assert bus_bandwidth(1e9, 1.0, 4) == pytest.approx(1.5e9)
     assert bus_bandwidth(1e9, 1.0, 2) == pytest.approx(1e9)
+
+
+# -- sync vs async: the overlap demo ------------------------------------------------------
+def test_overlap_demo_warms_up_sizes_compute_and_reports_medians():
+    from lessons_lib.comm.overlap import overlap_timeline
+
+    results = run_distributed(overlap_timeline, 2, 1 << 14, 32, None, rounds=3, timeout=120)
+    assert results[0]["iters"] == results[1]["iters"] >= 1     # the ranks agree on the compute
+    for r in results:
+        assert {"blocking", "overlapped", "comm_s", "compute_s", "blocking_s", "overlapped_s"} <= set(r)
+        assert [e[0] for e in r["blocking"]] == ["all_reduce", "compute"]
+        assert [e[0] for e in r["overlapped"]] == ["all_reduce (in flight)", "compute", "wait"]
+        assert r["overlapped"][1][1] == 0.0                    # compute starts with the all-reduce
+        assert 0 < r["comm_s"] <= r["blocking_s"] and 0 < r["compute_s"] <= r["blocking_s"]
+    fixed = run_distributed(overlap_timeline, 2, 1 << 10, 16, 3, rounds=1, warmup=1, timeout=60)
+    assert fixed[0]["iters"] == 3

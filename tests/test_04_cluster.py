@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+
+from lessons_lib import run_distributed
 
 from lessons_lib.cluster.multinode import launch_nodes, torchrun_command
 from lessons_lib.cluster.placement import (BAD_ORDER, Placement, check_placement,
                                            cross_node_bytes_per_token, place_ranks, placement_grid)
-from lessons_lib.cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, split_dim
-from lessons_lib.model import ModelConfig, TinyLM, save_checkpoint
+from lessons_lib.cluster.sharded_loading import (expected_bytes_per_rank, load_tp_shard, pages_touched,
+                                                 split_dim)
+from lessons_lib.model import TINY_LM_PATH, ModelConfig, TinyLM, save_checkpoint
 
 pytestmark = pytest.mark.lesson04
 
@@ -113,13 +117,58 @@ def test_split_rules_follow_megatron():
         split_dim("layers.0.mystery.weight")
 
 
+def test_tp_beyond_the_kv_heads_replicates_them(tmp_path):
+    path = save_checkpoint(TinyLM(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)),
+                           tmp_path / "gqa.safetensors")
+    full = load_file(str(path))
+    shards = [load_tp_shard(path, 4, rank) for rank in range(4)]
+    head = 64 // 4   # head_dim rows per KV head
+    for rank, (state, read) in enumerate(shards):
+        for name in ("layers.0.attn.k_proj.weight", "layers.0.attn.v_proj.weight"):
+            kv = rank // 2   # two ranks share each of the 2 KV heads, as lesson 12 serves them
+            assert torch.equal(state[name], full[name][kv * head:(kv + 1) * head])
+        assert state["layers.0.attn.q_proj.weight"].shape[0] == 64 // 4
+        assert read == expected_bytes_per_rank(path, 4)["per_rank"]
+    expected = expected_bytes_per_rank(path, 4)
+    assert expected["kv_replicated"] == 2 * full["layers.0.attn.k_proj.weight"].nbytes // 2
+    assert expected["per_rank"] > (expected["total"] - expected["replicated"]) // 4 + expected["replicated"]
+
+
 def test_tp_that_splits_a_head_is_refused(tmp_path):
     path = save_checkpoint(TinyLM(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)),
                            tmp_path / "gqa.safetensors")
-    with pytest.raises(ValueError, match=r"tp=4 does not divide n_kv_heads=2: choose tp among \[1, 2\]"):
-        load_tp_shard(path, 4, 0)
+    with pytest.raises(ValueError, match=r"tp=3 does not divide n_heads=4: choose tp among \[1, 2, 4\]"):
+        load_tp_shard(path, 3, 0)
     with pytest.raises(ValueError, match=r"tp_rank=2 is not valid: expected an int in \[0, 1\]"):
         load_tp_shard(path, 2, 2)
+    odd = save_checkpoint(TinyLM(ModelConfig(dim=96, n_layers=1, n_heads=12, n_kv_heads=4, ffn_dim=128)),
+                          tmp_path / "odd.safetensors")
+    with pytest.raises(ValueError, match=r"tp=6 neither divides n_kv_heads=4 nor is a multiple of it"):
+        load_tp_shard(odd, 6, 0)
+
+
+def test_tp4_shards_of_the_tiny_lm_are_what_lesson_12_serves():
+    def compare(path):
+        from lessons_lib.model import load_tiny_lm
+        from lessons_lib.parallel.plan import parallelize, tiny_lm_tp_plan
+
+        model = load_tiny_lm()[0]
+        served = dict(parallelize(model, tiny_lm_tp_plan(model.config)).named_parameters())
+        state, _ = load_tp_shard(path, dist.get_world_size(), dist.get_rank())
+        return sorted(state) == sorted(served) and all(
+            torch.equal(state[n], served[n].detach()) for n in state)
+
+    assert run_distributed(compare, 4, str(TINY_LM_PATH), timeout=120) == [True] * 4
+
+
+def test_column_slices_touch_most_pages_row_slices_a_tp_th(checkpoint):
+    one = pages_touched(checkpoint, 1, 0)   # 4 KiB pages
+    four = pages_touched(checkpoint, 4, 1)
+    assert 0.98 * one["file_pages"] <= one["pages"] <= one["file_pages"]   # all but the header
+    assert four["by_dim"][0] < one["by_dim"][0] / 2      # contiguous: a quarter, plus partial edge pages
+    assert four["by_dim"][1] == one["by_dim"][1]         # a piece of every short row: every page
+    with pytest.raises(ValueError, match="page_size"):
+        pages_touched(checkpoint, 1, 0, page_size=0)
 
 
 # -- torchrun: two "nodes" on localhost --------------------------------------------------
@@ -136,3 +185,23 @@ def test_two_torchrun_nodes_meet_and_all_reduce():
     for rank, line in enumerate(result["lines"]):
         assert line.startswith(f"RANK={rank} LOCAL_RANK={rank % 2} WORLD_SIZE=4 GROUP_RANK={rank // 2} ")
         assert line.endswith("all_reduce(rank) = 6 (expected 6)")
+
+
+def test_decode_communication_time_counts_messages_not_just_bytes():
+    from lessons_lib.cluster.placement import decode_comm_seconds
+
+    links = dict(alpha_intra=2e-6, alpha_inter=8e-6, bandwidth_intra=450e9, bandwidth_inter=50e9)
+    good = decode_comm_seconds(place_ranks(2, 8, 8, 2), 8192, 80, **links)
+    bad = decode_comm_seconds(place_ranks(2, 8, 8, 2, order=BAD_ORDER), 8192, 80, **links)
+    piece = 8192 * 2 / 8
+    steps = 2 * 80 * 2 * 7            # 2 all-reduces x 80 layers x 2(t-1) ring steps
+    assert good["messages"] == bad["messages"] == steps + 1
+    assert good["tp_s"] == pytest.approx(steps * (2e-6 + piece / 450e9))
+    assert good["pp_s"] == pytest.approx(8e-6 + piece / 50e9)
+    assert bad["tp_s"] == pytest.approx(steps * (8e-6 + piece / 50e9))
+    assert good["latency_s"] / good["total_s"] > 0.9      # small decode messages: latency-bound
+    no_alpha = decode_comm_seconds(place_ranks(2, 8, 8, 2), 8192, 80, **{**links, "alpha_intra": 0,
+                                                                         "alpha_inter": 0})
+    assert no_alpha["latency_s"] == 0 and no_alpha["total_s"] < good["total_s"] / 10
+    with pytest.raises(ValueError, match="bandwidth_inter"):
+        decode_comm_seconds(place_ranks(2, 8, 8, 2), 8192, 80, **{**links, "bandwidth_inter": 0})

@@ -21,7 +21,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..parallel.mesh import groups_along, mesh_grid
-from ..validate import bad, check_int
+from ..validate import bad, check_int, check_real
 
 AXES = ("dp", "pp", "tp")
 GOOD_ORDER = ("dp", "pp", "tp")   # TP peers on adjacent devices: inside a node
@@ -140,6 +140,58 @@ def cross_node_bytes_per_token(placement: Placement, hidden: int, n_layers: int,
         for a, b in zip(group, group[1:]):
             pp_bytes += (node[a] != node[b]) * message / p.tp
     return {"tp": tp_bytes, "pp": pp_bytes, "total": tp_bytes + pp_bytes}
+
+
+def decode_comm_seconds(placement: Placement, hidden: int, n_layers: int, *, alpha_intra: float,
+                        alpha_inter: float, bandwidth_intra: float, bandwidth_inter: float,
+                        batch: int = 1, bytes_per_element: int = 2) -> dict:
+    """Seconds of communication on one decode step's critical path, alpha-beta per message.
+
+    Bytes alone miss what decides decode: its messages are small (``M = hidden x batch x
+    bytes_per_element``, 16 KB for a 70B model at batch 1), so each costs mostly its latency.
+
+    * TP: each of the ``n_layers`` layers (the stages run one after another for one token) makes
+      2 ring all-reduces of ``2 (t - 1)`` steps; in a step every ring member sends ``M / t`` to its
+      successor at once, so the step takes ``alpha + (M / t) / bandwidth`` of its slowest link:
+      the inter-node one if the ring crosses a node boundary.
+    * PP: ``pp - 1`` hand-offs, each ``alpha + (M / t) / bandwidth`` of its slowest pair.
+
+    ``alpha_*`` are seconds per message, ``bandwidth_*`` bytes per second per direction; pass them
+    explicitly (measure them with nccl-tests on the real cluster). Returns ``{"tp_s", "pp_s",
+    "total_s", "messages", "latency_s"}``: ``messages`` on the critical path, ``latency_s`` the
+    part of ``total_s`` that is alpha.
+    """
+    check_placement(placement)
+    for name, value in (("hidden", hidden), ("n_layers", n_layers), ("batch", batch),
+                        ("bytes_per_element", bytes_per_element)):
+        _positive(name, value)
+    for name, value in (("alpha_intra", alpha_intra), ("alpha_inter", alpha_inter)):
+        check_real(name, value, low=0, why="seconds per message")
+    for name, value in (("bandwidth_intra", bandwidth_intra), ("bandwidth_inter", bandwidth_inter)):
+        check_real(name, value, low=0, low_open=True, why="bytes per second, per direction")
+    p = placement
+    if n_layers % p.pp:
+        raise bad("n_layers", n_layers, f"a multiple of pp={p.pp}")
+    piece = hidden * batch * bytes_per_element / p.tp
+    node = [dev[0] for dev in p.devices]
+
+    def link(crosses: bool) -> tuple[float, float]:
+        return (alpha_inter, piece / bandwidth_inter) if crosses else (alpha_intra, piece / bandwidth_intra)
+
+    tp_s = tp_alpha = 0.0
+    tp_messages = 0
+    if p.tp > 1:
+        crosses = any(node[a] != node[b] for g in p.groups("tp") for a, b in zip(g, g[1:] + g[:1]))
+        alpha, beta = link(crosses)
+        tp_messages = 2 * n_layers * 2 * (p.tp - 1)
+        tp_s, tp_alpha = tp_messages * (alpha + beta), tp_messages * alpha
+    pp_s = pp_alpha = 0.0
+    for stage in range(p.pp - 1):   # the slowest pair at each boundary
+        crosses = any(node[g[stage]] != node[g[stage + 1]] for g in p.groups("pp"))
+        alpha, beta = link(crosses)
+        pp_s, pp_alpha = pp_s + alpha + beta, pp_alpha + alpha
+    return {"tp_s": tp_s, "pp_s": pp_s, "total_s": tp_s + pp_s, "messages": tp_messages + p.pp - 1,
+            "latency_s": tp_alpha + pp_alpha}
 
 
 def placement_grid(placement: Placement) -> list[list[dict]]:

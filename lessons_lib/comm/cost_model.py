@@ -23,8 +23,9 @@ Published link speeds, for scale (all per GPU or per port, as published):
   ConnectX-7 product pages.
 
 So inside an NVLink node a GPU moves bytes about 9x faster per direction (450 vs 50 GB/s)
-than across nodes over one NDR port: why tensor parallelism (an all-reduce
-per layer) stays inside a node and pipeline parallelism (one send per stage) spans nodes.
+than across nodes over one NDR port: why tensor parallelism (two all-reduces per decoder
+layer, after attention and after the MLP) stays inside a node and pipeline parallelism (one send
+per stage) spans nodes.
 """
 
 from __future__ import annotations

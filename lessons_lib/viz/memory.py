@@ -8,13 +8,15 @@ from ..memory import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memor
 from ..validate import check_choice, check_real
 from . import redraw as redraw_output
 
+HEADROOM = 0.1  # the share of a device kept back for the runtime, drawn as the "usable" line
 PARTS = ("weights", "kv_cache", "activations")
 COLOURS = {"weights": "#4C72B0", "kv_cache": "#DD8452", "activations": "#55A868"}
 
 
 def memory_report(model: str, dtype: str, batch: int, context: int, devices: int, strategy: str,
-                  device_gib: float) -> dict:
-    """Everything the calculator shows, as plain data: GiB per part, total, and whether it fits."""
+                  device_gib: float, headroom: float = HEADROOM) -> dict:
+    """Everything the calculator shows, as plain data: GiB per part, total, and whether it fits
+    once ``headroom`` of the device is kept back (shown on the picture as the "usable" line)."""
     check_choice("model", model, sorted(REFERENCE_SHAPES))
     check_real("device_gib", device_gib, low=0, low_open=True)
     if strategy == "single":
@@ -23,18 +25,20 @@ def memory_report(model: str, dtype: str, batch: int, context: int, devices: int
                                    devices=devices, strategy=strategy)
     gib = {part: per_device[part] / GiB for part in (*PARTS, "total")}
     return {"model": model, "strategy": strategy, "devices": devices, "device_gib": device_gib,
-            "gib": gib, "fits": fits(per_device, device_gib)}
+            "gib": gib, "headroom": headroom, "fits": fits(per_device, device_gib, headroom=headroom)}
 
 
 def draw_memory(report: dict, ax=None):
-    """A stacked bar of one device's memory against its capacity (90% usable)."""
+    """A stacked bar of one device's memory against its capacity less the report's headroom."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 2.2))
     left = 0.0
     for part in PARTS:
         ax.barh([0], [report["gib"][part]], left=left, color=COLOURS[part], label=part.replace("_", " "))
         left += report["gib"][part]
-    ax.axvline(report["device_gib"] * 0.9, color="black", linestyle="--", label="usable (90%)")
+    usable = 1 - report["headroom"]
+    ax.axvline(report["device_gib"] * usable, color="black", linestyle="--",
+               label=f"usable ({usable:.0%}: {report['headroom']:.0%} headroom)")
     verdict = "fits" if report["fits"] else "does NOT fit"
     ax.set_title(f"{report['model']}, {report['strategy']} on {report['devices']} device(s): "
                  f"{report['gib']['total']:.1f} GiB per device, {verdict} in {report['device_gib']} GiB")
