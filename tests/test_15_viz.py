@@ -95,3 +95,25 @@ def test_widget_slider_redraws_the_chosen_step(run):
     assert box.snapshot is snaps[0]
     box.slider.value = 3
     assert box.snapshot is snaps[3] and box.slider.max == len(snaps) - 1
+
+
+def test_static_slots_pad_each_batch_to_its_longest_request():
+    from lessons_lib.viz.engine import PAD, static_slots
+    grid = static_slots([3, 1, 2, 2, 4], 2)
+    assert len(grid) == 2 and len(grid[0]) == 3 + 2 + 4
+    assert grid[0][:3] == [0, 0, 0] and grid[1][:3] == [1, PAD, PAD]
+    assert grid[0][5:] == [4, 4, 4, 4] and grid[1][5:] == [None] * 4     # the last batch has one request
+    assert sum(row.count(PAD) for row in grid) == 2
+    with pytest.raises(BadArgument, match="output_lengths"):
+        static_slots([], 2)
+
+
+def test_continuous_slots_follow_the_recorded_steps(run):
+    from lessons_lib.viz.engine import continuous_slots
+    _, engine, snaps = run
+    grid = continuous_slots(snaps, engine.max_num_seqs)
+    for t, s in enumerate(snaps):
+        assert sorted(row[t] for row in grid if row[t] is not None) == \
+            sorted(s["request_ids"].index(rid) for rid, _ in s["scheduled"])
+    with pytest.raises(ValueError, match="more than num_slots=1"):
+        continuous_slots(snaps, 1)

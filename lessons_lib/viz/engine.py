@@ -142,6 +142,75 @@ def draw_engine_step(snap: dict, ax=None, columns: int = 12):
     return ax
 
 
+PAD = "pad"
+
+
+def static_slots(output_lengths: list[int], batch_size: int) -> list[list]:
+    """Static batching as a grid: ``grid[slot][step]`` is the request index computing a token there,
+    :data:`PAD` for a slot whose request is done while its batch runs on, or None (no batch).
+
+    Requests are batched in order, ``batch_size`` at a time; a batch runs until its longest request
+    has all its tokens, then the next batch starts.
+    """
+    check_int("batch_size", batch_size, low=1)
+    if not isinstance(output_lengths, (list, tuple)) or not output_lengths:
+        raise bad("output_lengths", output_lengths, "a non-empty list of token counts")
+    lengths = [check_int(f"output_lengths[{i}]", m, low=1) for i, m in enumerate(output_lengths)]
+    total = sum(max(lengths[b:b + batch_size]) for b in range(0, len(lengths), batch_size))
+    grid = [[None] * total for _ in range(batch_size)]
+    start = 0
+    for b in range(0, len(lengths), batch_size):
+        group = lengths[b:b + batch_size]
+        for slot, m in enumerate(group):
+            for t in range(max(group)):
+                grid[slot][start + t] = b + slot if t < m else PAD
+        start += max(group)
+    return grid
+
+
+def continuous_slots(snapshots: list[dict], num_slots: int) -> list[list]:
+    """Continuous batching as the same grid, from :func:`record_run`'s snapshots: a request takes
+    the lowest free slot when first scheduled and frees it the step it finishes (or is preempted);
+    the cell holds the request's index in ``request_ids``."""
+    check_int("num_slots", num_slots, low=1)
+    grid = [[None] * len(snapshots) for _ in range(num_slots)]
+    slot_of: dict[str, int] = {}
+    for t, snap in enumerate(snapshots):
+        for rid, _ in snap["scheduled"]:
+            if rid not in slot_of:
+                free = sorted(set(range(num_slots)) - set(slot_of.values()))
+                if not free:
+                    raise ValueError(f"step {t}: more than num_slots={num_slots} requests ran")
+                slot_of[rid] = free[0]
+            grid[slot_of[rid]][t] = snap["request_ids"].index(rid)
+        for rid in snap["finished"] + snap["preempted"]:
+            slot_of.pop(rid, None)
+    return grid
+
+
+def draw_slots(grid: list[list], ax=None, title: str = ""):
+    """Draw a slot grid: one row per batch slot, one column per step, colour = request, grey = padding."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 2))
+    cmap = plt.get_cmap("tab20")
+    for slot, row in enumerate(grid):
+        for t, cell in enumerate(row):
+            if cell is None:
+                continue
+            face = (0.75, 0.75, 0.75) if cell == PAD else cmap(cell % 20)
+            ax.add_patch(plt.Rectangle((t, -slot), 1, 0.9, facecolor=face, lw=0))
+    steps = max((len(r) for r in grid), default=0)
+    ax.set_xlim(0, max(steps, 1))
+    ax.set_ylim(-len(grid) + 0.9, 1)
+    ax.set_yticks([-s + 0.45 for s in range(len(grid))], [f"slot {s}" for s in range(len(grid))], fontsize=7)
+    ax.set_xlabel("step")
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+    return ax
+
+
 def engine_widget(snapshots: list[dict], columns: int = 12):
     """A step slider over :func:`record_run`'s snapshots; the grid and the queues redraw on every move.
 
