@@ -36,6 +36,8 @@ LESSONS = (
     Lesson("12", "tensor_parallel", "code 2", "Column-, row- and vocab-parallel layers"),
     Lesson("13", "pipeline_parallel", "code 3", "Stages, micro-batches, GPipe and 1F1B, bubbles"),
     Lesson("14", "capstone", "example", "The seed's full example fixed; the tiny LM on a TP x PP x DP mesh"),
+    Lesson("15", "serving_engine", "beyond Q6/Q10",
+           "Continuous batching, paged KV, chunked prefill, preemption, prefix caching"),
 )
 
 
