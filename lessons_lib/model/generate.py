@@ -140,6 +140,31 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     if use_cache:
         cache = model.new_cache() if hasattr(model, "new_cache") else KVCache()
 
+    def forward_last(step_ids: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        logits = model(step_ids, positions=make_positions(step_mask, step_ids.shape[1]),
+                       attention_mask=step_mask, cache=cache)
+        return last_token_logits(logits, step_mask)
+
+    def pick(last_logits: torch.Tensor) -> torch.Tensor:
+        return sample_next_token(last_logits, greedy=greedy, temperature=temperature, top_k=top_k,
+                                 generator=generator)
+
+    return decode_loop(forward_last, pick, input_ids, mask, max_new_tokens, use_cache=use_cache,
+                       eos_id=eos_id, timings=timings)
+
+
+def decode_loop(forward_last, pick, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *,
+                use_cache: bool = True, eos_id: int | None = None, timings: dict | None = None) -> torch.Tensor:
+    """The library's one decode loop: prefill the prompt, then one token per step.
+
+    ``forward_last(step_ids, mask)`` runs the model on the tokens it has not seen (all of them at the
+    first step, or always without a cache) and returns each row's logits at its last real token;
+    ``pick(logits)`` turns them into the next ids (batch,). :func:`generate` passes a model call and
+    a sampler; the pipeline runtime passes a run through its stages and an arg-max broadcast from
+    the last stage (a stage without logits gets ``None`` and must still return the ids). The serving
+    engine schedules its own steps but picks tokens with the same :func:`sample_next_token`.
+    """
+    batch = input_ids.shape[0]
     ids = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     prefill_s = decode_s = 0.0
@@ -147,12 +172,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         start = time.perf_counter()
         # With a cache, only the tokens the model has not seen yet are fed in.
         step_ids = ids[:, -1:] if (use_cache and step > 0) else ids
-        q_len = step_ids.shape[1]
-        logits = model(step_ids, positions=make_positions(mask, q_len),
-                       attention_mask=mask, cache=cache)
-        last_logits = last_token_logits(logits, mask)
-        next_ids = sample_next_token(last_logits, greedy=greedy, temperature=temperature,
-                                     top_k=top_k, generator=generator)
+        next_ids = pick(forward_last(step_ids, mask))
         if eos_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
             finished |= next_ids == eos_id

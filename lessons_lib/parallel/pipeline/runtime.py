@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ...comm.agree import check_same_across_ranks
 from ...comm.collectives import check_inputs
-from ...model.generate import check_context_length, last_token_logits
+from ...model.generate import check_context_length, decode_loop, last_token_logits
 from ...model.kv_cache import KVCache
 from ...validate import bad, check_choice, check_int
 from .p2p import TensorReceiver, send_tensor, wait_all
@@ -161,14 +161,15 @@ class PipelineInference:
         check_context_length(self.stage.max_seq_len, mask, max_new_tokens)
         caches = [KVCache() for _ in range(self.n_microbatches)]
         last_rank = self.mesh.ranks("pp")[-1]
-        ids = input_ids
-        for step in range(max_new_tokens):
-            step_ids = ids if step == 0 else ids[:, -1:]   # prefill, then one token per step
-            outs = self._run(step_ids, mask, caches)
-            next_ids = torch.empty(batch, dtype=torch.long)
-            if outs is not None:
-                next_ids = last_token_logits(torch.cat(outs), mask).argmax(dim=-1)
+
+        def forward_last(step_ids, step_mask):
+            outs = self._run(step_ids, step_mask, caches)
+            return None if outs is None else last_token_logits(torch.cat(outs), step_mask)
+
+        def pick(last_logits):
+            # Only the last stage has logits: it chooses, and every stage learns the choice.
+            next_ids = torch.empty(batch, dtype=torch.long) if last_logits is None else last_logits.argmax(dim=-1)
             dist.broadcast(next_ids, src=last_rank, group=self.mesh.pp_group)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return ids
+            return next_ids
+
+        return decode_loop(forward_last, pick, input_ids, mask, max_new_tokens)
