@@ -20,10 +20,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..parallel.mesh import groups_along, mesh_grid
+from ..parallel.mesh import AXES, groups_along, mesh_grid, rank_at, rank_coords
 from ..validate import bad, check_int, check_real
 
-AXES = ("dp", "pp", "tp")
 GOOD_ORDER = ("dp", "pp", "tp")   # TP peers on adjacent devices: inside a node
 BAD_ORDER = ("tp", "dp", "pp")    # PP stages adjacent, TP peers a whole node apart
 
@@ -41,7 +40,7 @@ class Placement:
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """``(dp, pp, tp)`` coordinates of ``rank`` in the mesh grid."""
-        return (rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp)
+        return rank_coords(mesh_grid(self.tp, self.pp, self.dp), rank)
 
     def groups(self, axis: str) -> list[list[int]]:
         return groups_along(mesh_grid(self.tp, self.pp, self.dp), axis)
@@ -72,12 +71,12 @@ def place_ranks(nodes: int, devices_per_node: int, tp: int, pp: int, dp: int = 1
     check_plan(nodes, devices_per_node, tp, pp, dp)
     if isinstance(order, str) or not hasattr(order, "__iter__") or sorted(order) != sorted(AXES):
         raise bad("order", order, f"a permutation of {AXES}, outermost axis first")
-    sizes = {"dp": dp, "pp": pp, "tp": tp}
-    devices = [None] * (tp * pp * dp)
+    grid = mesh_grid(tp, pp, dp)
+    sizes = dict(zip(AXES, grid.shape))
+    devices = [None] * grid.numel()
     slot = 0
     for combo in itertools.product(*(range(sizes[a]) for a in order)):
-        c = dict(zip(order, combo))
-        rank = (c["dp"] * pp + c["pp"]) * tp + c["tp"]
+        rank = rank_at(grid, **dict(zip(order, combo)))
         devices[rank] = divmod(slot, devices_per_node)
         slot += 1
     return Placement(nodes, devices_per_node, tp, pp, dp, tuple(devices))

@@ -62,6 +62,19 @@ def groups_along(grid: torch.Tensor, axis: str) -> list[list[int]]:
     return moved.reshape(-1, moved.shape[-1]).tolist()
 
 
+def rank_coords(grid: torch.Tensor, rank: int) -> tuple[int, int, int]:
+    """``(dp, pp, tp)`` coordinates of ``rank`` in ``grid``."""
+    check_int("rank", rank, low=0, high=grid.numel() - 1, why=f"a rank of this {grid.numel()}-rank grid")
+    return tuple(int(c) for c in (grid == rank).nonzero()[0])
+
+
+def rank_at(grid: torch.Tensor, dp: int, pp: int, tp: int) -> int:
+    """The rank at coordinates ``(dp, pp, tp)`` of ``grid``."""
+    for name, value, size in (("dp", dp, grid.shape[0]), ("pp", pp, grid.shape[1]), ("tp", tp, grid.shape[2])):
+        check_int(name, value, low=0, high=size - 1)
+    return int(grid[dp, pp, tp])
+
+
 @dataclass
 class Mesh:
     """This rank's view of a ``tp x pp x dp`` mesh: its coordinates, groups and neighbours.
@@ -83,7 +96,7 @@ class Mesh:
         self.tp, self.pp, self.dp = mesh_sizes(dist.get_world_size(), self.tp, self.pp, self.dp)
         self.grid = mesh_grid(self.tp, self.pp, self.dp)
         self.rank = dist.get_rank()
-        self.dp_rank, self.pp_rank, self.tp_rank = (int(c) for c in (self.grid == self.rank).nonzero()[0])
+        self.dp_rank, self.pp_rank, self.tp_rank = rank_coords(self.grid, self.rank)
         self._groups, self._members = {}, {}
         for axis in AXES:
             for ranks in groups_along(self.grid, axis):
