@@ -6,10 +6,11 @@ Oracle: the same seeded TinyLM in one process. Logits fp32 within atol 1e-5; gre
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from lessons_lib import DistributedError, run_distributed
 from lessons_lib.model import ModelConfig, TinyLM, generate
-from lessons_lib.parallel.pipeline import (Action, Schedule, bubble_formula, gpipe, idle_fraction,
+from lessons_lib.parallel.pipeline import (Action, PipelineStageModule, StageAdapter, Schedule, bubble_formula, gpipe, idle_fraction,
                                            microbatch_sizes, one_f_one_b, partition_layers,
                                            split_microbatches)
 from lessons_lib.parallel.pipeline.p2p import decode_header, encode_header
@@ -312,3 +313,65 @@ def test_trained_tiny_lm_on_two_stages_matches_one_process():
     real = mask.bool()
     torch.testing.assert_close(results[1][0][real], ref_logits[real], atol=ATOL, rtol=0)
     assert all(torch.equal(tokens, ref_tokens) for _, tokens in results)
+
+
+# -- the stage adapter: any decoder, or an nn.Sequential ----------------------------------------
+def _run_stages(model, x, n_stages, **kw):
+    for s in range(n_stages):
+        x = PipelineStageModule(model, s, n_stages)(x, **kw)
+    return x
+
+
+def test_stages_of_the_tiny_lm_equal_the_whole_model():
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig(n_layers=5)).eval()
+    ids = torch.randint(0, 264, (2, 7))
+    with torch.no_grad():
+        for n in (1, 2, 3, 5):
+            assert torch.allclose(_run_stages(model, ids, n), model(ids), atol=1e-6)
+    stage = PipelineStageModule(model, 0, 2)
+    with pytest.raises(ValueError, match="input_ids"):
+        stage(torch.full((1, 3), 999))                  # the model's own id checks, on the first stage
+    last = PipelineStageModule(model, 1, 2)
+    assert {n.split(".")[0] for n, _ in last.named_parameters()} == {"layers", "head"}
+
+
+def test_an_nn_sequential_is_pipelined():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(4, 6)
+    for n in (1, 2, 5):
+        assert torch.allclose(_run_stages(seq, x, n), seq(x))
+
+
+class _OtherDecoder(nn.Module):
+    """Another layer signature: blocks called as block(h, bias) with a bias the model computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+        self.out = nn.Linear(4, 10)
+
+    @staticmethod
+    def bias(seq):
+        return torch.arange(seq, dtype=torch.float32)[:, None] / 10
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        for block in self.blocks:
+            h = torch.tanh(block(h) + self.bias(ids.shape[1]))
+        return self.out(h)
+
+
+def test_a_decoder_with_another_layer_signature_is_pipelined_through_a_stage_adapter():
+    torch.manual_seed(0)
+    model = _OtherDecoder()
+    adapter = StageAdapter(layers=list(model.blocks), embed=model.tok, head=model.out,
+                           layer_inputs=lambda batch, seq, attention_mask, cache: model.bias(seq),
+                           call_layer=lambda block, h, bias, layer_cache: torch.tanh(block(h) + bias))
+    ids = torch.randint(0, 10, (3, 5))
+    for n in (1, 2, 4):
+        assert torch.allclose(_run_stages(adapter, ids, n), model(ids), atol=1e-6)
+    with pytest.raises(ValueError, match="model='_OtherDecoder'.*StageAdapter.*it has no embed, layers, norm, lm_head"):
+        PipelineStageModule(model, 0, 2)

@@ -12,7 +12,7 @@ applied from outside:
   ``gate/up_proj`` for column shards and ``o_proj``, ``down_proj`` for row shards
   needs no change here.
 * Pipeline parallel: the forward is ``embed -> layers -> norm -> lm_head`` with
-  ``positions`` and the attention mask built by public helpers, so a stage can
+  ``positions`` and the attention mask built by :func:`layer_inputs`, so a stage can
   run any slice of ``model.layers`` exactly as :meth:`TinyLM.forward` would.
 """
 
@@ -235,6 +235,52 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse ids that are not a (batch, seq >= 1) integer tensor of values in [0, vocab_size)."""
+    _int_range("input_ids", input_ids, 0, vocab_size, "token ids")
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise bad("input_ids", input_ids, "a torch.long (or torch.int32) tensor, as nn.Embedding needs",
+                  f"got {input_ids.dtype}: convert with .long()")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise bad("input_ids", f"a tensor of shape {tuple(input_ids.shape)}",
+                  "shape (batch, seq) with seq >= 1", "the model needs at least one token per row")
+
+
+def layer_inputs(config: ModelConfig, batch: int, seq: int, positions: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(positions, attn_mask)`` every decoder layer gets, for ``seq`` new tokens in ``batch`` rows.
+
+    Checked against the padding mask's shape, the cache and ``config.max_seq_len``. The whole
+    model and every pipeline stage build them here, so they cannot disagree.
+    """
+    max_len = config.max_seq_len
+    packed = getattr(cache, "packed_inputs", None)
+    if packed is not None:
+        # Several sequences packed into one row (the serving engine's step): the cache knows
+        # each token's position and which keys it may attend.
+        if positions is not None or attention_mask is not None:
+            raise bad("cache", cache, "positions=None and attention_mask=None with a packed batch",
+                      "a packed batch brings its own positions and mask")
+        return packed()
+    past = cache.seq_len if cache is not None else 0
+    if attention_mask is None:
+        device = positions.device if isinstance(positions, torch.Tensor) else None
+        attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)
+    else:
+        check_padding_mask(attention_mask, (batch, past + seq))
+    if positions is None:
+        positions = make_positions(attention_mask, seq)
+    else:
+        if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (batch, seq):
+            raise bad("positions", positions, f"a tensor of shape ({batch}, {seq}), like input_ids")
+        _int_range("positions", positions, 0, max_len, f"positions (max_seq_len={max_len})")
+    if seq + past > max_len and positions.numel() and int(positions.max()) >= max_len:
+        raise bad("input_ids", f"{past} cached + {seq} new tokens", f"at most max_seq_len={max_len} "
+                  "tokens per row", f"position {int(positions.max())} is beyond max_seq_len={max_len}")
+    return positions, make_attention_mask(attention_mask, seq)
+
+
 class TinyLM(nn.Module):
     """The course's decoder-only language model.
 
@@ -273,52 +319,27 @@ class TinyLM(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the inputs and return ``(positions, attn_mask)`` for every layer.
 
-        Public so a pipeline stage that runs only some layers builds the very same
-        positions and mask as the whole model does. A batch of no rows is allowed (a
-        data-parallel rank may get none); a row of no tokens is not.
+        A batch of no rows is allowed (a data-parallel rank may get none); a row of no tokens
+        is not. A pipeline stage after the first, which receives hidden states rather than
+        ids, calls :func:`layer_inputs` directly and gets the very same positions and mask.
         """
-        vocab, max_len = self.config.vocab_size, self.config.max_seq_len
-        _int_range("input_ids", input_ids, 0, vocab, "token ids")
-        if input_ids.dtype not in (torch.long, torch.int32):
-            raise bad("input_ids", input_ids, "a torch.long (or torch.int32) tensor, as nn.Embedding needs",
-                      f"got {input_ids.dtype}: convert with .long()")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise bad("input_ids", f"a tensor of shape {tuple(input_ids.shape)}",
-                      "shape (batch, seq) with seq >= 1", "the model needs at least one token per row")
-        batch, seq = input_ids.shape
-        packed = getattr(cache, "packed_inputs", None)
-        if packed is not None:
-            # Several sequences packed into one row (the serving engine's step): the cache knows
-            # each token's position and which keys it may attend.
-            if positions is not None or attention_mask is not None:
-                raise bad("cache", cache, "positions=None and attention_mask=None with a packed batch",
-                          "a packed batch brings its own positions and mask")
-            return packed()
-        past = cache.seq_len if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=input_ids.device)
-        else:
-            check_padding_mask(attention_mask, (batch, past + seq))
-        if positions is None:
-            positions = make_positions(attention_mask, seq)
-        else:
-            if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (batch, seq):
-                raise bad("positions", positions, f"a tensor of shape ({batch}, {seq}), like input_ids")
-            _int_range("positions", positions, 0, max_len, f"positions (max_seq_len={max_len})")
-        if seq + past > max_len and positions.numel() and int(positions.max()) >= max_len:
-            raise bad("input_ids", f"{past} cached + {seq} new tokens", f"at most max_seq_len={max_len} "
-                      "tokens per row", f"position {int(positions.max())} is beyond max_seq_len={max_len}")
-        return positions, make_attention_mask(attention_mask, seq)
+        check_input_ids(input_ids, self.config.vocab_size)
+        return layer_inputs(self.config, *input_ids.shape, positions, attention_mask, cache)
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 ) -> torch.Tensor:
         positions, attn_mask = self.prepare_inputs(input_ids, positions, attention_mask, cache)
-        h = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, positions=positions, attn_mask=attn_mask,
-                      cache=cache[i] if cache is not None else None)
+        h = self.run_layers(self.embed(input_ids), range(len(self.layers)), positions, attn_mask, cache)
         return self.lm_head(self.norm(h))
+
+    def run_layers(self, h: torch.Tensor, layer_ids, positions: torch.Tensor, attn_mask: torch.Tensor | None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """Layers ``layer_ids`` (absolute indices: the cache is indexed by them) applied to ``h``."""
+        for i in layer_ids:
+            h = self.layers[i](h, positions=positions, attn_mask=attn_mask,
+                               cache=cache[i] if cache is not None else None)
+        return h
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,10 +16,10 @@ from .partition import microbatch_sizes, partition_layers, split_microbatches
 from .runtime import PipelineInference, execute, idle_fraction
 from .serve import generate_on_mesh
 from .schedule import Action, Schedule, Slot, bubble_formula, gpipe, make_schedule, one_f_one_b
-from .stage import PipelineStageModule, build_stage
+from .stage import PipelineStageModule, StageAdapter, build_stage, stage_adapter
 
 __all__ = [
-    "Action", "PipelineInference", "TensorReceiver", "PipelineStageModule", "Schedule", "Slot", "bubble_formula",
-    "build_stage", "execute", "generate_on_mesh", "gpipe", "idle_fraction", "make_schedule", "microbatch_sizes",
+    "Action", "PipelineInference", "TensorReceiver", "PipelineStageModule", "Schedule", "StageAdapter", "Slot", "bubble_formula",
+    "build_stage", "execute", "stage_adapter", "generate_on_mesh", "gpipe", "idle_fraction", "make_schedule", "microbatch_sizes",
     "one_f_one_b", "partition_layers", "recv_tensor", "send_tensor", "split_microbatches", "wait_all",
 ]
