@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from ..launch.child import course_env, start_child, stop_child
 from ..validate import check_int, check_real
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -76,18 +77,15 @@ def launch_nodes(nnodes: int = 2, nproc_per_node: int = 2, timeout: float = 240.
     killed (with its workers: each agent leads its own process group) and
     ``TimeoutError`` is raised.
     """
-    import signal
-
     check_int("nnodes", nnodes, low=1)
     check_int("nproc_per_node", nproc_per_node, low=1)
     check_real("timeout", timeout, low=0, low_open=True, why="seconds")
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = course_env(PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    agents = [subprocess.Popen(torchrun_command(nnodes, node, nproc_per_node, port), env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Each agent leads its own session, so stopping it stops its ranks too.
+    agents = [start_child("torch.distributed.run", torchrun_command(nnodes, node, nproc_per_node, port)[3:],
+                          env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
               for node in range(nnodes)]
     outputs = []
     try:
@@ -98,9 +96,7 @@ def launch_nodes(nnodes: int = 2, nproc_per_node: int = 2, timeout: float = 240.
         raise TimeoutError(f"the {nnodes} torchrun agents did not finish within timeout={timeout:g} s") from None
     finally:
         for agent in agents:
-            if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
+            stop_child(agent)
     lines = sorted(line for out, _ in outputs for line in out.splitlines() if line.startswith("RANK="))
     return {"returncodes": [a.returncode for a in agents], "lines": lines,
             "stderr": [err for _, err in outputs], "seconds": time.perf_counter() - start}

@@ -22,6 +22,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 from . import hang
+from .child import course_env, start_child
 from .errors import DistributedError
 
 STARTUP_TIMEOUT_S = 180.0   # import torch + join the group, on a busy 2-core laptop
@@ -64,12 +65,11 @@ class WorkerPool:
     def _spawn(self, rank: int, env: dict) -> None:
         parent_end, child_end = socket.socketpair()
         dump_read, dump_write = os.pipe()
-        cmd = [sys.executable, "-m", "lessons_lib.launch._worker", str(child_end.fileno()),
-               str(dump_write), str(rank), str(self.world_size), "127.0.0.1",
-               str(self._store.port), self.backend, str(self.threads), str(GROUP_TIMEOUT_S)]
+        args = [child_end.fileno(), dump_write, rank, self.world_size, "127.0.0.1", self._store.port,
+                self.backend, self.threads, GROUP_TIMEOUT_S]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(), dump_write), env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = start_child("lessons_lib.launch._worker", args, env=env,
+                               pass_fds=(child_end.fileno(), dump_write))
         except BaseException:
             parent_end.close()
             os.close(dump_read)
@@ -83,9 +83,7 @@ class WorkerPool:
         self._dumps.append(dump_read)
 
     def _start(self, startup_s: float) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = course_env()
         for rank in range(self.world_size):
             self._spawn(rank, env)
         info = {"sys_path": caller_sys_path(), "cwd": os.getcwd()}

@@ -13,36 +13,39 @@ attempt it is through ``TORCHELASTIC_RESTART_COUNT``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..launch.child import course_env, start_child, stop_child
+from ..parallel.tensor import RowParallelLinear
 from ..validate import check_choice, check_int, check_real
 
 
 def tp_row_parallel_step(x, weight, fail_rank: int | None = None, how: str = "raise"):
     """One row-parallel linear layer on the current process group, run inside ``run_distributed``.
 
-    Rank r multiplies its slice of the input features by its slice of the weight rows; an
-    all-reduce sums the partial products. ``fail_rank`` simulates losing one rank before the
-    collective: ``how="raise"`` (an error) or ``"exit"`` (the process dies, like a lost GPU).
+    Each rank keeps its slice of the weight's input columns (lesson 12's ``RowParallelLinear``),
+    multiplies its slice of ``x`` by it, and an all-reduce sums the partial products. ``fail_rank``
+    simulates losing one rank before the collective: ``how="raise"`` (an error) or ``"exit"``
+    (the process dies, like a lost GPU); the others then wait in the all-reduce.
     """
-    import torch.distributed as dist
-
     check_choice("how", how, ("raise", "exit"))
     rank, world = dist.get_rank(), dist.get_world_size()
     if fail_rank is not None:
         check_int("fail_rank", fail_rank, low=0, high=world - 1)
-    if weight.shape[1] % world:
-        raise ValueError(f"in_features={weight.shape[1]} is not divisible by world_size={world}")
-    cols = weight.shape[1] // world
-    partial = x[:, rank * cols:(rank + 1) * cols] @ weight[:, rank * cols:(rank + 1) * cols].T
+    full = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    full.weight.data.copy_(weight)
+    layer = RowParallelLinear.from_linear(full, input_is_parallel=False)
     if rank == fail_rank:
         if how == "exit":
             os._exit(1)
         raise RuntimeError(f"rank {rank}: device lost (simulated)")
-    dist.all_reduce(partial)
-    return partial
+    return layer(x)
 
 
 def _init_for_attempt(attempt: int, timeout: float = 60.0) -> tuple[int, int]:
@@ -52,10 +55,6 @@ def _init_for_attempt(attempt: int, timeout: float = 60.0) -> tuple[int, int]:
     addresses the failed attempt published, and a rank that reads a stale one fails with
     "connection refused" (seen with torch 2.13). A per-attempt prefix keeps attempts apart.
     """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
@@ -68,9 +67,6 @@ def _init_for_attempt(attempt: int, timeout: float = 60.0) -> tuple[int, int]:
 
 def elastic_main() -> None:
     """The script torchrun runs: rank 1 fails on the first attempt, everyone succeeds after."""
-    import torch
-    import torch.distributed as dist
-
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ["RANK"])
     if attempt == 0 and rank == 1:
@@ -91,20 +87,18 @@ def run_elastic(nproc: int = 2, max_restarts: int = 2, timeout: float = 120.0) -
     check_int("nproc", nproc, low=2, why="rank 1 is the one that fails")
     check_int("max_restarts", max_restarts, low=0)
     check_real("timeout", timeout, low=0, low_open=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
-           "-m", "lessons_lib.serving.elastic"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # A new session, so a timeout can stop torchrun *and* the ranks it started.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    args = ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            "--monitor-interval=0.2", "-m", "lessons_lib.serving.elastic"]
+    # Its own session, so a timeout stops torchrun *and* the ranks it started.
+    proc = start_child("torch.distributed.run", args, env=course_env(OMP_NUM_THREADS="1"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_child(proc)
         out, err = proc.communicate()
         raise TimeoutError(f"torchrun did not finish within {timeout} s:\n{err[-2000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 if __name__ == "__main__":
     elastic_main()

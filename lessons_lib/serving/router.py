@@ -31,13 +31,10 @@ Failure handling, in one place (see ``health.py`` for the parts):
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,8 +42,8 @@ import zlib
 from collections import Counter
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from ..launch.child import course_env, read_port, start_child
 from ..validate import BadArgument, bad, check_choice, check_int, check_probability, check_real, check_str
 from .faults import ANSWER_FAULTS
 from .health import ExactlyOnce, FailureDetector, backoff_delays
@@ -54,9 +51,6 @@ from .policies import Policy, WorkerLoad, make_policy
 from .protocol import (LOOPBACK, BadFrame, ProtocolError, Request, Response, encode, message_field, parse_heartbeat,
                        parse_hello, parse_result, recv_msg, send_msg)
 from .worker import check_model_spec
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 class RequestFailed(RuntimeError):
     """A request ended without an answer; the message says why (every attempt, where it failed)."""
@@ -194,26 +188,23 @@ class Router:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _start(self, specs) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = course_env(OMP_NUM_THREADS="1")
         started, socks = [], []
         for s in specs:
             log = tempfile.TemporaryFile()
-            cmd = [sys.executable, "-m", "lessons_lib.serving.worker", "--worker-id", s.id,
-                   "--version", s.version, "--model", s.model, "--parent-pid", str(os.getpid()),
-                   "--heartbeat-interval", str(self.heartbeat_interval), "--delay", str(s.delay),
-                   "--block-size", str(s.block_size), "--crash-after", str(s.crash_after)]
+            args = ["--worker-id", s.id, "--version", s.version, "--model", s.model,
+                    "--parent-pid", os.getpid(), "--heartbeat-interval", self.heartbeat_interval,
+                    "--delay", s.delay, "--block-size", s.block_size, "--crash-after", s.crash_after,
+                    "--max-num-seqs", s.max_num_seqs]
             if s.fault is not None:
-                cmd += ["--fault", s.fault, "--fault-after", str(s.fault_after)]
+                args += ["--fault", s.fault, "--fault-after", s.fault_after]
             if s.crash_on_token is not None:
-                cmd += ["--crash-on-token", str(s.crash_on_token)]
-            cmd += ["--max-num-seqs", str(s.max_num_seqs)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                    env=env)
+                args += ["--crash-on-token", s.crash_on_token]
+            proc = start_child("lessons_lib.serving.worker", args, env=env, stdout=subprocess.PIPE, stderr=log)
             started.append((s, proc, log))
         try:
             for s, proc, log in started:
-                port = self._read_port(s, proc, log)
+                port = read_port(proc, self.start_timeout, f"worker {s.id}", log)
                 sock = socket.create_connection((LOOPBACK, port), timeout=self.start_timeout)
                 socks.append(sock)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -238,20 +229,6 @@ class Router:
                 log.close()
                 self.workers.pop(s.id, None)
             raise
-
-    def _read_port(self, spec, proc, log) -> int:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if ready:
-                line = proc.stdout.readline()
-                if line:
-                    return int(json.loads(line)["port"])
-            if proc.poll() is not None:
-                log.seek(0)
-                tail = log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"worker {spec.id} exited with code {proc.returncode} at start:\n{tail}")
-        raise TimeoutError(f"worker {spec.id} did not report its port within {self.start_timeout} s")
 
     def close(self) -> None:
         """Fail every unanswered request with :class:`RouterClosed`, then stop every worker: a
