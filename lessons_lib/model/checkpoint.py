@@ -15,7 +15,7 @@ and ``load_checkpoint`` verifies whichever it finds, raising
 
 * ``sha256`` in ``NAME.json``: SHA-256 of the whole safetensors file, every byte;
 * ``fingerprint`` in ``NAME.json`` and in the file's metadata: lesson 05's
-  :func:`~lessons_lib.serving.fingerprint.state_fingerprint` of the weights, the
+  :func:`~lessons_lib.model.fingerprint.state_fingerprint` of the weights, the
   same digest a replica reports for what it has in memory.
 """
 
@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..serving.fingerprint import short, state_fingerprint
+from .fingerprint import short, state_fingerprint
 from ..tokenizer import ByteTokenizer
 from ..validate import bad
 from .config import ModelConfig
