@@ -1,0 +1,75 @@
+"""ARCHITECTURE.md is true: the paths it names exist and the library's imports follow its layers."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "lessons_lib"
+DOC = (ROOT / "ARCHITECTURE.md").read_text()
+
+
+def layers() -> list[set[str]]:
+    """The layer lines of the document's ``text`` block, lowest first, as sets of names."""
+    block = re.search(r"<!-- layers:.*?-->\s*```text\n(.*?)```", DOC, re.S).group(1)
+    return [{name.strip() for name in line.split(":", 1)[0].split(",")} for line in block.splitlines()
+            if line.strip()]
+
+
+def unit_of(path: Path) -> str:
+    """The package (first directory) or top-level module a library file belongs to."""
+    rel = path.relative_to(LIB)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def library_imports(path: Path) -> set[str]:
+    """Units of ``lessons_lib`` that ``path`` imports (relative or absolute)."""
+    tree = ast.parse(path.read_text())
+    here = list(path.relative_to(LIB).parts[:-1])
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - (node.level - 1)]
+            parts = base + (node.module.split(".") if node.module else [])
+            found.add(parts[0] if parts else node.names[0].name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lessons_lib."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lessons_lib.")}
+    return found
+
+
+def test_every_path_it_names_exists():
+    named = {p for p in re.findall(r"`((?:lessons_lib|notebooks|tests|solutions|exercises)/[\w./]+)`", DOC)
+             if "NN" not in p}                   # "NN" marks a template, in "Adding a lesson"
+    assert len(named) > 40
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"ARCHITECTURE.md names paths that do not exist: {missing}"
+
+
+def test_every_lesson_has_a_row():
+    notebooks = sorted(p.name[:2] for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    rows = re.findall(r"^\| (\d\d) \| `notebooks/", DOC, re.M)
+    assert rows == notebooks, "add a row for each lesson to ARCHITECTURE.md's table"
+
+
+def test_the_layers_name_every_package_once():
+    names = [n for layer in layers() for n in layer]
+    assert len(names) == len(set(names))
+    units = {unit_of(p) for p in LIB.rglob("*.py")} - {"__init__"}
+    existing = {n for n in names if (LIB / n).is_dir() or (LIB / f"{n}.py").exists()}
+    assert units <= existing, f"give these a layer in ARCHITECTURE.md: {sorted(units - existing)}"
+
+
+def test_imports_go_down_the_layers():
+    level = {name: i for i, layer in enumerate(layers()) for name in layer}
+    wrong = []
+    for path in sorted(LIB.rglob("*.py")):
+        unit = unit_of(path)
+        if unit == "__init__":
+            continue
+        for target in library_imports(path) - {unit}:
+            if level.get(target, -1) >= level[unit]:
+                wrong.append(f"{path.relative_to(ROOT)} ({unit}, layer {level[unit]}) imports {target} "
+                             f"(layer {level.get(target)})")
+    assert not wrong, "imports that do not go down the layers:\n" + "\n".join(wrong)
