@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 
 from lessons_lib import DistributedError, run_distributed
-from lessons_lib.model import TINY_LM_PATH, ModelConfig, TinyLM, generate, load_tiny_lm
+from lessons_lib.model import generate
 from lessons_lib.parallel.data import (DataParallelInference, data_parallel_generate, gather_rows,
                                        local_rows, row_range, split_sizes)
+from models import tiny_lm
 
 pytestmark = pytest.mark.lesson11
 # fp32: atol 1e-5 plus rtol 1e-4. The trained model's logits reach ~16; a different batch split or
@@ -15,12 +16,7 @@ pytestmark = pytest.mark.lesson11
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def _tiny_lm():
-    """The trained checkpoint when it is there, else a seeded model."""
-    if TINY_LM_PATH.exists():
-        return load_tiny_lm()[0]
-    torch.manual_seed(0)
-    return TinyLM(ModelConfig()).eval()
+
 
 
 @pytest.mark.parametrize("rows, world, sizes", [
@@ -57,7 +53,7 @@ def test_gather_rows_concatenates_uneven_slices_in_rank_order():
 
 
 def _dp_forward_and_generate(ids, mask, new_tokens):
-    model = _tiny_lm()
+    model = tiny_lm()
     logits = DataParallelInference(model)(ids, attention_mask=mask)
     tokens = data_parallel_generate(model, ids, new_tokens, attention_mask=mask)
     return local_rows(ids).shape[0], logits, tokens
@@ -68,7 +64,7 @@ def test_dp_equals_one_process_on_uneven_and_tiny_batches(batch, world):
     ids = torch.randint(0, 256, (batch, 5), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0                                    # a left-padded row, to split the mask too
-    model = _tiny_lm()
+    model = tiny_lm()
     with torch.no_grad():
         logits = model(ids, attention_mask=mask)
     tokens = generate(model, ids, 16, attention_mask=mask)
@@ -80,12 +76,12 @@ def test_dp_equals_one_process_on_uneven_and_tiny_batches(batch, world):
 
 
 def _dp_generate_eos(ids, eos_id):
-    return data_parallel_generate(_tiny_lm(), ids, 12, eos_id=eos_id)
+    return data_parallel_generate(tiny_lm(), ids, 12, eos_id=eos_id)
 
 
 def test_dp_generate_pads_early_stopping_ranks_with_eos():
     ids = torch.randint(0, 256, (4, 4), generator=torch.Generator().manual_seed(3))
-    model = _tiny_lm()
+    model = tiny_lm()
     first = generate(model, ids, 1)[:, -1]
     eos_id = int(first[0])                              # row 0 stops at once, on rank 0
     expected = generate(model, ids, 12, eos_id=eos_id)
@@ -109,7 +105,7 @@ def test_dp_output_is_the_concatenation_not_a_sum_or_mean():
 def test_a_mismatched_mask_is_a_value_error():
     ids = torch.zeros(3, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_mask shape"):
-        data_parallel_generate(_tiny_lm(), ids, 2, attention_mask=torch.ones(3, 5))
+        data_parallel_generate(tiny_lm(), ids, 2, attention_mask=torch.ones(3, 5))
 
 
 def test_a_rank_failing_in_dp_is_reported():

@@ -6,10 +6,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lessons_lib import DistributedError, run_distributed
-from lessons_lib.model import TINY_LM_PATH, ModelConfig, TinyLM, generate, load_tiny_lm
+from lessons_lib.model import ModelConfig, generate
 from lessons_lib.parallel.plan import (Colwise, Rowwise, describe_shards, parallelize,
                                        tiny_lm_tp_plan, validate_tp)
 from lessons_lib.parallel.tensor import shard_indices
+from models import tiny_lm
 
 pytestmark = pytest.mark.lesson12
 # fp32: atol 1e-5 plus rtol 1e-4. The trained model's logits reach ~16; sums re-ordered by the
@@ -19,12 +20,7 @@ ATOL, RTOL = 1e-5, 1e-4
 NEW_TOKENS = 32
 
 
-def _tiny_lm(config=None):
-    """The trained checkpoint when it is there (and no other config is asked for), else a seeded model."""
-    if config is None and TINY_LM_PATH.exists():
-        return load_tiny_lm()[0]
-    torch.manual_seed(0)
-    return TinyLM(config or ModelConfig()).eval()
+
 
 
 def _prompt(batch=3, seq=6):
@@ -33,7 +29,7 @@ def _prompt(batch=3, seq=6):
 
 @pytest.fixture(scope="module")
 def reference():
-    model, ids = _tiny_lm(), _prompt()
+    model, ids = tiny_lm(), _prompt()
     with torch.no_grad():
         return ids, model(ids), generate(model, ids, NEW_TOKENS)
 
@@ -72,7 +68,7 @@ def test_validate_tp_names_ffn_and_vocab():
 
 # -- the plan, in one process (tp = 1) ------------------------------------------------------------
 def test_a_plan_naming_a_missing_submodule_lists_close_and_valid_names():
-    model = _tiny_lm()
+    model = tiny_lm()
     with pytest.raises(ValueError) as info:
         parallelize(model, {"layers.*.attn.qproj": "colwise"})
     message = str(info.value)
@@ -82,7 +78,7 @@ def test_a_plan_naming_a_missing_submodule_lists_close_and_valid_names():
 
 
 def test_wrong_module_type_and_unknown_style_are_rejected_before_any_swap():
-    model = _tiny_lm()
+    model = tiny_lm()
     with pytest.raises(TypeError, match="embed is a Embedding, but style Colwise needs an nn.Linear"):
         parallelize(model, {"lm_head": "vocab_head", "embed": "colwise"})
     assert isinstance(model.lm_head, nn.Linear)
@@ -92,7 +88,7 @@ def test_wrong_module_type_and_unknown_style_are_rejected_before_any_swap():
 
 def test_tp1_plan_is_the_identity_and_strict_false_skips_missing_entries(reference):
     ids, logits, _ = reference
-    model = parallelize(_tiny_lm(), tiny_lm_tp_plan(ModelConfig()))
+    model = parallelize(tiny_lm(), tiny_lm_tp_plan(ModelConfig()))
     assert len(describe_shards(model)) == 4 * 7 + 2
     with torch.no_grad():
         torch.testing.assert_close(model(ids), logits, atol=ATOL, rtol=RTOL)
@@ -102,7 +98,7 @@ def test_tp1_plan_is_the_identity_and_strict_false_skips_missing_entries(referen
 
 # -- on several ranks -----------------------------------------------------------------------------
 def _tp_tiny_lm(ids, new_tokens):
-    model = _tiny_lm()
+    model = tiny_lm()
     parallelize(model, tiny_lm_tp_plan(model.config))
     with torch.no_grad():
         logits = model(ids)
@@ -128,7 +124,7 @@ def _dp_tp(ids, new_tokens):
     from lessons_lib.parallel.mesh import Mesh
 
     mesh = Mesh(tp=2)   # 4 ranks: dp=2 replicas, each a tp=2 pair
-    model = parallelize(_tiny_lm(), tiny_lm_tp_plan(ModelConfig()), mesh.tp_group)
+    model = parallelize(tiny_lm(), tiny_lm_tp_plan(ModelConfig()), mesh.tp_group)
     logits = DataParallelInference(model, mesh.dp_group)(ids)
     return logits, data_parallel_generate(model, ids, new_tokens, group=mesh.dp_group)
 
@@ -162,14 +158,14 @@ def test_plan_on_a_plain_mlp_with_biases_adds_each_bias_once():
 
 def _stage_with_some_layers(ids):
     """A pipeline stage that holds layers 2 and 3 only: the whole-model plan, strict=False."""
-    full = _tiny_lm()
+    full = tiny_lm()
     positions, mask = full.prepare_inputs(ids)
     with torch.no_grad():
         h = full.embed(ids)
         for layer in full.layers[:2]:
             h = layer(h, positions=positions, attn_mask=mask)
         stage = nn.Module()
-        stage.layers = nn.ModuleDict({"2": _tiny_lm().layers[2], "3": _tiny_lm().layers[3]})
+        stage.layers = nn.ModuleDict({"2": tiny_lm().layers[2], "3": tiny_lm().layers[3]})
         parallelize(stage, tiny_lm_tp_plan(full.config), strict=False)
         for layer in stage.layers.values():
             h = layer(h, positions=positions, attn_mask=mask)
@@ -183,7 +179,7 @@ def test_tp_on_a_stage_that_holds_only_some_layers(reference):
 
 
 def _indivisible():
-    model = _tiny_lm(ModelConfig(dim=96, n_heads=3, n_kv_heads=3))
+    model = tiny_lm(ModelConfig(dim=96, n_heads=3, n_kv_heads=3))
     parallelize(model, tiny_lm_tp_plan(model.config))
 
 
@@ -201,9 +197,9 @@ def _torch_parallelize_module(ids):
 
     from lessons_lib.parallel.plan import torch_tp_plan
 
-    model = _tiny_lm()
+    model = tiny_lm()
     parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), torch_tp_plan(model))
-    ours = parallelize(_tiny_lm(), tiny_lm_tp_plan(ModelConfig()))
+    ours = parallelize(tiny_lm(), tiny_lm_tp_plan(ModelConfig()))
     with torch.no_grad():
         return model(ids), ours(ids)
 
@@ -234,7 +230,7 @@ def _tp_x_pp(ids, new_tokens):
     from lessons_lib.parallel.pipeline import PipelineInference, build_stage
 
     mesh = Mesh(tp=2, pp=2)
-    stage = build_stage(_tiny_lm(), mesh)
+    stage = build_stage(tiny_lm(), mesh)
     parallelize(stage, tiny_lm_tp_plan(ModelConfig()), mesh.tp_group, strict=False)
     return PipelineInference(stage, mesh, n_microbatches=2).generate(ids, new_tokens)
 

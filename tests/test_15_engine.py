@@ -7,15 +7,16 @@ import torch
 
 from lessons_lib.caching import BlockAllocator, PrefixCache
 from lessons_lib.engine import LLMEngine, SamplingParams
-from lessons_lib.model import generate, load_tiny_lm
+from lessons_lib.model import generate
 from lessons_lib.validate import BadArgument
+from models import tiny_lm
 
 pytestmark = pytest.mark.lesson15
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_tiny_lm()[0]
+    return tiny_lm()
 
 
 def _trace(seed: int, n: int, shared_prefix: int = 0):

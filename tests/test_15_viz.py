@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from lessons_lib.engine import LLMEngine, SamplingParams
-from lessons_lib.model import generate, load_tiny_lm
+from lessons_lib.model import generate
 from lessons_lib.validate import BadArgument
 from lessons_lib.viz.engine import CACHED, FREE, engine_widget, record_run, step_summary
+from models import tiny_lm
 
 pytestmark = pytest.mark.lesson15
 
@@ -15,7 +16,7 @@ SYSTEM = list(range(1, 17))                  # two full blocks of 8, shared by e
 
 @pytest.fixture(scope="module")
 def model():
-    return load_tiny_lm()[0]
+    return tiny_lm()
 
 
 @pytest.fixture(scope="module")
