@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..validate import bad, check_choice, check_int, check_real
+from .collectives import ring_all_reduce
 
 NVLINK4_H100_GB_S = 900.0        # GB/s, total per GPU (NVIDIA H100 datasheet)
 PCIE5_X16_GB_S = 128.0           # GB/s, total (NVIDIA H100 datasheet)
@@ -101,7 +102,6 @@ def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo"
     barrier, so all ranks begin together; the maximum over ranks is taken, because an
     all-reduce is done only when the last rank is done.
     """
-    from .collectives import ring_all_reduce
 
     check_choice("impl", impl, ("gloo", "ring"))
     check_int("repeats", repeats, low=1)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..comm.collectives import check_inputs
+from ..model import generate
 from ..validate import check_int, check_tensor
 from .tensor import group_rank, group_size
 
@@ -119,7 +120,6 @@ def data_parallel_generate(model, input_ids: torch.Tensor, max_new_tokens: int, 
     Sampling (``greedy=False``) draws from one generator per rank, so it matches one process
     only for greedy decoding.
     """
-    from ..model import generate
 
     _check_same_batch("data_parallel_generate", "input_ids", input_ids, group,
                       max_new_tokens=max_new_tokens, eos_id=eos_id)

@@ -26,6 +26,7 @@ from fnmatch import fnmatchcase
 
 import torch.nn as nn
 
+from ..model import ModelConfig
 from ..validate import bad, check_int
 from .tensor import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                      VocabParallelEmbedding, group_size, shard_indices)
@@ -75,7 +76,6 @@ def tiny_lm_tp_plan(config=None) -> dict:
     by ``ffn_dim``; embedding and LM head by vocabulary. Norms are tiny and stay replicated.
     """
     if config is None:
-        from ..model import ModelConfig
         config = ModelConfig()
     config = getattr(config, "config", config)       # a TinyLM works too
     hd = config.head_dim

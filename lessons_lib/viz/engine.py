@@ -11,6 +11,7 @@ picture draws them.
 
 from __future__ import annotations
 
+from ..engine import LLMEngine
 from ..validate import bad, check_int
 from . import redraw as redraw_output
 
@@ -65,7 +66,6 @@ def record_run(engine, arrivals, max_steps: int = 10_000) -> list[dict]:
     is added just before the step of that number (0 is the first step). Steps run until every
     request has finished.
     """
-    from ..engine import LLMEngine
 
     if not isinstance(engine, LLMEngine):
         raise bad("engine", engine, "an LLMEngine")

@@ -20,7 +20,9 @@ import time
 
 import torch
 
+from ...launch import run_distributed
 from ...validate import check_choice, check_int, check_real
+from ..mesh import Mesh
 from .runtime import execute, idle_fraction
 from .schedule import make_schedule
 
@@ -60,7 +62,6 @@ def _rank_records(n_microbatches: int, schedule: str, workload: str, action_s: f
                   repeats: int, trials: int = 1):
     """Run on every rank of a pure pipeline (world = pp): this stage's busy intervals, per trial
     (after one warm-up run)."""
-    from ..mesh import Mesh
 
     mesh = Mesh(pp=torch.distributed.get_world_size())
     sched = make_schedule(schedule, mesh.pp, n_microbatches, backward=False)
@@ -85,7 +86,6 @@ def measure_idle_fraction(n_stages: int, n_microbatches: int, schedule: str = "g
     ``workload="device"`` holds each action for ``action_s`` seconds without using a core;
     ``workload="cpu"`` does ``repeats`` (size x size) matmuls per action.
     """
-    from ...launch import run_distributed
 
     check_int("n_stages", n_stages, low=1)
     check_int("n_microbatches", n_microbatches, low=1)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data import gather_rows, local_rows
+from ..plan import parallelize, tiny_lm_tp_plan
 from .runtime import PipelineInference
 from .stage import build_stage
 
@@ -27,10 +29,8 @@ def generate_on_mesh(model, mesh, input_ids: torch.Tensor, max_new_tokens: int, 
 
     Call on every rank with the same full-model weights and the same whole batch.
     """
-    from ..data import gather_rows, local_rows
 
     if mesh.tp > 1:
-        from ..plan import parallelize, tiny_lm_tp_plan
         parallelize(model, tiny_lm_tp_plan(model), mesh.tp_group)
     runner = PipelineInference(build_stage(model, mesh), mesh, n_microbatches, schedule)
     ids = local_rows(input_ids, mesh.dp_group)
