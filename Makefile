@@ -39,11 +39,14 @@ test: $(STAMP) browser
 test-portable: $(STAMP)
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q notebooks $(PYTEST_NB)
 
-# Regenerate exercises/ from solutions/, then re-execute every notebook in place.
+# Regenerate exercises/ from solutions/: unchanged notebooks are left alone, a notebook whose
+# code changed is re-executed in place (outputs kept, nothing left dirty).
 exercises: $(STAMP)
 	$(BIN)/python -m lessons_lib.exercises.stubs
 
-notebooks: exercises
+# `make notebooks` regenerates the exercises, then re-executes every notebook in place.
+notebooks: $(STAMP)
+	$(BIN)/python -m lessons_lib.exercises.stubs --no-execute
 	$(BIN)/python scripts/execute_notebooks.py
 
 benchmarks: $(STAMP)

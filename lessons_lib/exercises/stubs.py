@@ -12,6 +12,10 @@ a stub that raises ``NotImplementedError`` (markdown regions become
 "YOUR ANSWER HERE") and all outputs cleared. Run
 ``python -m lessons_lib.exercises.stubs [solutions/NN_topic.ipynb ...]`` to
 regenerate ``exercises/`` from ``solutions/``; a test fails when the two are out of step.
+
+Regenerating leaves a committed exercise notebook alone when its cells are unchanged, keeps
+the outputs of code cells whose source did not change, and re-executes a notebook (in place,
+like ``make notebooks``) only when one of its code cells changed; ``--no-execute`` skips that.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -76,15 +81,75 @@ def exercise_path(solution_path: Path) -> Path:
     return solution_path.parent.parent / "exercises" / solution_path.name
 
 
+def _same_cell(new, old) -> bool:
+    """Same type, source, tags and nbgrader metadata: the old cell, outputs included, still fits."""
+    return (new.cell_type == old.cell_type and new.source == old.source
+            and new.metadata.get("tags", []) == old.metadata.get("tags", [])
+            and new.metadata.get("nbgrader") == old.metadata.get("nbgrader"))
+
+
+def merge_outputs(new: nbformat.NotebookNode, old: nbformat.NotebookNode | None) -> tuple[nbformat.NotebookNode, bool]:
+    """``new`` with each unchanged cell taken whole from ``old`` (outputs and all).
+
+    Returns the merged notebook and whether a code cell changed (so its outputs, and every
+    output after it, must be recomputed by running the notebook).
+    """
+    if old is None:
+        return new, any(c.cell_type == "code" for c in new.cells)
+    code = [[c.source for c in nb.cells if c.cell_type == "code"] for nb in (new, old)]
+    code_changed = code[0] != code[1]
+    old_cells = {c.get("id"): c for c in old.cells if c.get("id")}
+    merged = copy.deepcopy(new)
+    for index, cell in enumerate(merged.cells):
+        before = old_cells.get(cell.get("id"))
+        if before is None and index < len(old.cells):
+            before = old.cells[index]
+        if before is not None and _same_cell(cell, before):
+            merged.cells[index] = copy.deepcopy(before)
+            if cell.get("id"):
+                merged.cells[index]["id"] = cell["id"]
+    if not code_changed:
+        merged.metadata = copy.deepcopy(old.metadata)
+    return merged, code_changed
+
+
+def execute_in_place(path: Path, cell_timeout: float = 600) -> float:
+    """Run ``path`` top to bottom in a fresh kernel from its own folder and save its outputs."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
+    return time.perf_counter() - start
+
+
+def regenerate(solution: Path, execute: bool = True) -> str:
+    """Bring ``exercises/<stem>.ipynb`` in step with ``solution``; say what was done."""
+    target = exercise_path(solution)
+    new = make_exercise(nbformat.read(solution, as_version=4), name=str(solution))
+    old = nbformat.read(target, as_version=4) if target.exists() else None
+    merged, code_changed = merge_outputs(new, old)
+    text = nbformat.writes(merged) + "\n"
+    if target.exists() and target.read_text() == text:
+        return "unchanged"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(text)
+    if not code_changed:
+        return "updated (outputs kept)"
+    if not execute:
+        return "regenerated (code changed: outputs cleared, run it or `make notebooks`)"
+    return f"regenerated and executed in {execute_in_place(target):.1f} s"
+
+
 def main(argv: list[str]) -> int:
     """Regenerate the exercises of the given solution notebooks (default: all of solutions/)."""
-    solutions = [Path(p) for p in argv] or sorted(Path("solutions").glob("[0-9][0-9]_*.ipynb"))
+    execute = "--no-execute" not in argv
+    paths = [a for a in argv if a != "--no-execute"]
+    solutions = [Path(p) for p in paths] or sorted(Path("solutions").glob("[0-9][0-9]_*.ipynb"))
     for path in solutions:
-        nb = make_exercise(nbformat.read(path, as_version=4), name=str(path))
-        target = exercise_path(path)
-        target.parent.mkdir(exist_ok=True)
-        nbformat.write(nb, target)
-        print(f"{path} -> {target}")
+        print(f"{path} -> {exercise_path(path)}: {regenerate(path, execute=execute)}", flush=True)
     return 0
 
 
