@@ -8,7 +8,7 @@ KERNEL := distributed-inference
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test test-portable venv browser notebooks exercises benchmarks clean
+.PHONY: lab test test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ exercises: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python -m lessons_lib.exercises.stubs --no-execute
 	$(BIN)/python scripts/execute_notebooks.py
+
+# Grade a class: SUBMISSIONS holds one folder per student with their NN_topic.ipynb files;
+# writes grades.csv and grades.md next to it (in grades/). See README, "For instructors".
+grade: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submissions"; exit 2; }
+	$(BIN)/python -m lessons_lib.grade "$(SUBMISSIONS)"
 
 benchmarks: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
