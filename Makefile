@@ -12,7 +12,7 @@ PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[lab,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[lab,dev,instructor]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -54,6 +54,12 @@ notebooks: $(STAMP)
 grade: $(STAMP)
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submissions"; exit 2; }
 	$(BIN)/python -m lessons_lib.grade "$(SUBMISSIONS)"
+
+# nbgrader: an assignment's source notebooks from solutions/, e.g.
+# make nbgrader-source COURSE=~/course ASSIGNMENT=lab1 LESSONS="03 10"; then nbgrader in COURSE.
+nbgrader-source: $(STAMP)
+	@test -n "$(COURSE)" -a -n "$(ASSIGNMENT)" || { echo "usage: make nbgrader-source COURSE=dir ASSIGNMENT=name [LESSONS=\"03 10\"]"; exit 2; }
+	$(BIN)/python -m lessons_lib.grade.nbgrader "$(COURSE)" "$(ASSIGNMENT)" $(LESSONS)
 
 benchmarks: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
