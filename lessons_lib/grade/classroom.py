@@ -9,6 +9,9 @@ student's folder). For each (student, notebook), side by side on the machine's c
 2. the answers it defined are judged in a fresh process with the course's checkers
    (:mod:`.judge`): what the notebook printed, or which ``check`` it called, plays no part.
 
+Jobs run side by side, one per :data:`RANKS_PER_JOB` cores by default, each pinned to its own
+cores, so the ranks of two jobs never compete for one core.
+
 A notebook that cannot be read, crashes its kernel or runs past its limit gives "error" on its
 exercises; grading goes on with the rest. A notebook the student did not hand in counts as not
 attempted. Which function answers which exercise is read from the course's own ``exercises/``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -26,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..exercises.check import NOT_ATTEMPTED, CheckResult
+from ..exercises.check import NOT_ATTEMPTED
 from . import runner
 from .judge import ERROR, judge_limit, judge_payload
-from .processes import job_env, run_python
+from .processes import core_sets, job_env, run_python
 
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 NOTEBOOK_LIMIT_S = 600      # one cell of a student's notebook; the notebook gets this plus start-up
@@ -87,7 +91,8 @@ def default_jobs() -> int:
 
 
 def grade_notebook(student: str, lesson: str, notebook: Path, answers: list[tuple[str, str]],
-                   limit_s: float = NOTEBOOK_LIMIT_S, keep: Path | None = None) -> list[Verdict]:
+                   limit_s: float = NOTEBOOK_LIMIT_S, keep: Path | None = None,
+                   cores: list[int] | None = None) -> list[Verdict]:
     """Run one notebook and judge its answers (steps 1 and 2 of the module's doc)."""
     def every(status: str, message: str) -> list[Verdict]:
         return [Verdict(student, lesson, i, status, message) for i, _ in answers]
@@ -103,7 +108,8 @@ def grade_notebook(student: str, lesson: str, notebook: Path, answers: list[tupl
             return every(ERROR, f"the notebook could not be read ({exc})")
         tag, env = job_env()
         code, _, err = run_python(["-m", "lessons_lib.grade.runner", str(copy), json.dumps(answers),
-                                   str(payload_path), str(limit_s)], env, tag, limit_s + START_S, cwd=str(work))
+                                   str(payload_path), str(limit_s)], env, tag, limit_s + START_S, cwd=str(work),
+                                  cores=cores)
         if keep is not None and copy.exists():
             keep.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(copy, keep / notebook.name)
@@ -118,7 +124,7 @@ def grade_notebook(student: str, lesson: str, notebook: Path, answers: list[tupl
         import pickle
 
         payload = pickle.loads(payload_path.read_bytes())
-    verdicts = judge_payload(payload, sys_path=None, timeout=judge_limit(len(answers)))
+    verdicts = judge_payload(payload, sys_path=None, timeout=judge_limit(len(answers)), cores=cores)
     return [Verdict(student, lesson, i, verdicts[i].status, verdicts[i].message) for i, _ in answers]
 
 
@@ -142,18 +148,29 @@ def grade_class(submissions: Path, course_root: Path = COURSE_ROOT, limit_s: flo
     bar = tqdm(total=len(students), unit="student", desc="grading", disable=not progress)
     bar.update(sum(1 for n in left.values() if n == 0))
     lock = threading.Lock()
+    jobs = jobs or default_jobs()
+    slots: queue.Queue = queue.Queue()
+    for cores in core_sets(jobs) or [None] * jobs:
+        slots.put(cores)
 
     def one(item):
         student, lesson, path = item
-        result = grade_notebook(student, lesson, path, lessons[lesson], limit_s,
-                                keep / student if keep else None)
+        cores = slots.get()       # each job on its own cores: ranks of two jobs never share one
+        try:
+            result = grade_notebook(student, lesson, path, lessons[lesson], limit_s,
+                                    keep / student if keep else None, cores)
+        except Exception as exc:  # noqa: BLE001 - one student's trouble must not stop the class
+            result = [Verdict(student, lesson, i, ERROR, f"grading failed: {type(exc).__name__}: {exc}")
+                      for i, _ in lessons[lesson]]
+        finally:
+            slots.put(cores)
         with lock:
             left[student] -= 1
             if left[student] == 0:
                 bar.update(1)
         return result
 
-    with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         for result in pool.map(one, work):
             verdicts += result
     bar.close()
@@ -161,6 +178,3 @@ def grade_class(submissions: Path, course_root: Path = COURSE_ROOT, limit_s: flo
         (lesson, i) for lesson in handed_in for i, _ in lessons[lesson])}
     return sorted(verdicts, key=lambda v: (v.student, order[(v.lesson, v.exercise)]))
 
-
-def as_result(verdict: Verdict) -> CheckResult:
-    return CheckResult(verdict.exercise, verdict.status, verdict.message)

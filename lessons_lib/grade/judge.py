@@ -47,14 +47,14 @@ def export(answers: dict[str, object]) -> dict[str, tuple]:
 
 
 def judge_payload(payload: dict[str, tuple], sys_path: list[str] | None = None,
-                  timeout: float | None = None) -> dict[str, CheckResult]:
+                  timeout: float | None = None, cores: list[int] | None = None) -> dict[str, CheckResult]:
     """Verdicts on exported answers, judged in one fresh process (see the module's doc)."""
     if not payload:
         return {}
     timeout = judge_limit(len(payload)) if timeout is None else timeout
     tag, env = job_env({"COURSE_GRADING": "1"}, sys_path)
     code, out, err = run_python(["-m", "lessons_lib.grade.judge"], env, tag, timeout,
-                                stdin=pickle.dumps(payload))
+                                stdin=pickle.dumps(payload), cores=cores)
     verdicts = {}
     for line in out.splitlines():
         try:

@@ -38,9 +38,10 @@ from .judge import judge_limit
 
 COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 # One test cell runs check() in the kernel (bounded by CHECK_LIMIT_S), then assert_correct in a
-# fresh process (bounded by judge_limit(1)). nbgrader's default, 30 s, is the course's own rank
-# timeout: a deadlocking answer would end as a bare CellTimeoutError instead of the course's
-# report of where each rank waits.
+# fresh process (bounded by judge_limit(1)). nbgrader's default, 30 s, is about what the course
+# takes to diagnose a deadlock (cold ranks, then RANK_TIMEOUT_S on them): a deadlocking answer
+# would race it and could end as a bare CellTimeoutError instead of the course's report of where
+# each rank waits. It is also above run_distributed's default timeout, for the given cells.
 CELL_TIMEOUT_S = CHECK_LIMIT_S + int(judge_limit(1)) + 15
 
 HIDDEN = ('### BEGIN HIDDEN TESTS\n'
@@ -52,9 +53,9 @@ CONFIG = f'''# nbgrader's configuration for the distributed-inference course (wr
 # `python -m lessons_lib.grade.nbgrader`; edit freely, it is not overwritten).
 c = get_config()
 c.CourseDirectory.course_id = "distributed-inference"
-# A test cell runs check() and then assert_correct() in a fresh process: each is bounded by
-# the course itself (a deadlock is reported with where each rank waits, after at most 30 s on
-# the ranks); the cell timeout must leave room for both, so it is not nbgrader's 30 s.
+# A test cell runs check() and then assert_correct() in a fresh process, each bounded by the
+# course itself (a deadlock is reported with where each rank waits); the cell timeout leaves
+# room for both, and for run_distributed's default timeout in the given cells: not nbgrader's 30 s.
 c.Execute.timeout = {CELL_TIMEOUT_S}
 '''
 

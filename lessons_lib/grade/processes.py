@@ -61,14 +61,32 @@ def end_tagged(tag: str, root: int | None = None) -> int:
     return len(victims)
 
 
+def core_sets(jobs: int) -> list[list[int]]:
+    """The machine's cores cut into ``jobs`` disjoint sets (one per job running at once), or
+    ``[]`` where a process's cores cannot be chosen."""
+    try:
+        cores = sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):
+        return []
+    jobs = max(1, min(jobs, len(cores)))
+    return [cores[i::jobs] for i in range(jobs)]
+
+
 def run_python(args: list[str], env: dict, tag: str, timeout: float, stdin: bytes | None = None,
-               cwd: str | None = None) -> tuple[int | None, str, str]:
+               cwd: str | None = None, cores: list[int] | None = None) -> tuple[int | None, str, str]:
     """``python -m ...args`` with a time limit; every process it left is ended afterwards.
 
+    With ``cores``, the process (and so the kernel and ranks it starts, which inherit it) runs on
+    those cores only: jobs side by side do not compete for the same ones.
     Returns (exit code or None when it ran past ``timeout``, stdout, stderr).
     """
     proc = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    if cores:
+        try:
+            psutil.Process(proc.pid).cpu_affinity(cores)
+        except psutil.Error:
+            pass
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
         code = proc.returncode

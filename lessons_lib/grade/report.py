@@ -44,6 +44,8 @@ def write_markdown(verdicts: list[Verdict], path: Path) -> None:
         lines.append(f"| {student} | " + " | ".join(MARKS[row[e].status] for e in exercises)
                      + f" | {total} / {most} |")
     lines += ["", "## What was not correct", ""]
+    if all(v.status == "correct" for v in verdicts):
+        lines.append("Nothing: every answer is correct.")
     for student, row in rows.items():
         wrong = [v for v in row.values() if v.status != "correct"]
         if wrong:
