@@ -93,5 +93,6 @@ def test_assert_correct_judges_in_a_fresh_process_outside_the_namespace(monkeypa
         assert_correct("08.predict_sealed_bytes", namespace["predicted_sealed_bytes"])
     assert raised.value.result.status == "incorrect" and "46" in str(raised.value)
     namespace["predicted_sealed_bytes"] = lambda: 46
-    assert assert_correct("08.predict_sealed_bytes", namespace["predicted_sealed_bytes"]).status == "correct"
+    assert assert_correct("08.predict_sealed_bytes", namespace["predicted_sealed_bytes"]) is None
+    assert HISTORY[-1].status == "correct"
     assert "✅ [08.predict_sealed_bytes] correct" in capsys.readouterr().out

@@ -63,9 +63,11 @@ EXPECTED = {
 }
 
 
-def make_class(folder: Path, layout: str = "{student}/{lesson}.ipynb") -> Path:
+def make_class(folder: Path, layout: str = "{student}/{lesson}.ipynb", students=None) -> Path:
     """Write the fake class's notebooks under ``folder`` (``layout`` places each one)."""
     for student, (start, answers, appended) in CLASS.items():
+        if students is not None and student not in students:
+            continue
         nb = nbformat.read(ROOT / start / f"{LESSON}.ipynb", as_version=4)
         for name, source in answers.items():
             cell = next(c for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)

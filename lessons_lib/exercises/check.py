@@ -360,14 +360,15 @@ def check(exercise_id: str, candidate) -> None:
         raise NotCorrect(result)
 
 
-def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> CheckResult:
+def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> None:
     """Judge ``candidate`` for a grade: print the verdict and raise :class:`NotCorrect` (with the
     same hint) unless it is correct.
 
     With ``isolated`` (the default) the checker runs in a fresh Python process with the hidden
     cases, on a copy of the answer (its code and what it refers to), so nothing the notebook
     rebinds or prints changes the verdict; the run is bounded there and killed, ranks and all,
-    if it overruns. nbgrader's test cells call this (see :mod:`lessons_lib.grade.nbgrader`).
+    if it overruns. nbgrader's test cells call this (see :mod:`lessons_lib.grade.nbgrader`);
+    the verdict is also appended to :data:`HISTORY`.
     """
     if isolated:
         from ..grade.judge import judge_isolated
@@ -379,7 +380,7 @@ def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> CheckR
     print(result)
     if result.status != CORRECT:
         raise NotCorrect(result)
-    return result
+    # Returns nothing: an autograder would read a value shown as the cell's output as a score.
 
 
 # -- what many checkers share ----------------------------------------------------------------
