@@ -135,17 +135,26 @@ def test_the_executed_notebooks_are_kept_for_the_instructor(graded):
     assert any("judged by the grader" in c.source for c in nb.cells)
 
 
-def test_a_missing_notebook_is_not_attempted_and_a_broken_one_is_an_error(tmp_path):
+DELETES = "import os, shutil\nshutil.rmtree(os.path.dirname(os.getcwd()))   # the grader's scratch folder\n"
+
+
+def test_missing_broken_and_self_deleting_notebooks(tmp_path):
     from lessons_lib.grade.classroom import grade_class
 
     (tmp_path / "late").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / f"{LESSON}.ipynb").write_text("{ not json")
     shutil.copy(ROOT / "exercises" / f"{LESSON}.ipynb", tmp_path / "late" / "notes.ipynb")
+    (tmp_path / "deletes").mkdir()
+    nb = nbformat.read(ROOT / "solutions" / f"{LESSON}.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(DELETES))
+    nbformat.write(nb, tmp_path / "deletes" / f"{LESSON}.ipynb")
     verdicts = grade_class(tmp_path, progress=False)
     got = {(v.student, v.status) for v in verdicts}
-    assert got == {("broken", E), ("late", N)}
+    assert got == {("broken", E), ("late", N), ("deletes", E)}
     assert all("cannot be read" in v.message for v in verdicts if v.student == "broken")
+    assert all("could not be collected" in v.message for v in verdicts if v.student == "deletes")
+    assert (tmp_path / "deletes" / f"{LESSON}.ipynb").exists()    # it ran on a scratch copy
 
 
 def test_bad_arguments_are_refused_with_a_reason(tmp_path, capsys):

@@ -12,8 +12,8 @@ student's folder). For each (student, notebook), side by side on the machine's c
 Jobs run side by side, one per :data:`RANKS_PER_JOB` cores by default, each pinned to its own
 cores, so the ranks of two jobs never compete for one core.
 
-A notebook that cannot be read, crashes its kernel or runs past its limit gives "error" on its
-exercises; grading goes on with the rest. A notebook the student did not hand in counts as not
+A notebook that cannot be read, crashes its kernel, runs past its limit or deletes what the
+grader needs gives "error" on its exercises; grading goes on with the rest. A notebook the student did not hand in counts as not
 attempted. Which function answers which exercise is read from the course's own ``exercises/``.
 """
 
