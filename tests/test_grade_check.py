@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from lessons_lib.exercises.check import (HISTORY, Incorrect, NotCorrect, assert_correct, cases, check, evaluate,
-                                         exercise, has_hidden_cases)
+from lessons_lib.exercises.check import (HISTORY, Incorrect, NotCorrect, cases, check, evaluate, exercise,
+                                         has_hidden_cases)
+from lessons_lib.grade import assert_correct
 
 pytestmark = pytest.mark.lesson00
 check_module = importlib.import_module("lessons_lib.exercises.check")   # the package exports check()

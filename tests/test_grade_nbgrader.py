@@ -51,7 +51,7 @@ def test_the_source_adds_a_hidden_assert_to_every_check_cell():
     assert len(tests) == 3
     assert tests[0] == ('check("03.ring_bytes", predicted_busiest_rank_bytes)\n'
                         '### BEGIN HIDDEN TESTS\n'
-                        'from lessons_lib.exercises.check import assert_correct as _assert_correct\n'
+                        'from lessons_lib.grade import assert_correct as _assert_correct\n'
                         '_assert_correct("03.ring_bytes", predicted_busiest_rank_bytes)\n'
                         '### END HIDDEN TESTS')
     assert all(not c.get("outputs") for c in nb.cells)

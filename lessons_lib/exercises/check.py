@@ -14,9 +14,9 @@ For grading, verdicts are data (:class:`CheckResult`), not printed text:
 
 - strict mode (``COURSE_STRICT=1`` in the environment) makes :func:`check` raise
   :class:`NotCorrect`, with the same text, on anything but correct;
-- :func:`assert_correct` judges an answer in a fresh Python process (see
-  :mod:`lessons_lib.grade.judge`), outside the learner's namespace: a notebook that rebinds
-  ``check`` or prints a verdict line of its own gains nothing, and it raises unless correct;
+- ``lessons_lib.grade.assert_correct`` judges an answer in a fresh Python process, outside the
+  learner's namespace (a notebook that rebinds ``check`` or prints a verdict line of its own
+  gains nothing), and raises :class:`NotCorrect` unless it is correct;
 - grading mode (``COURSE_GRADING=1``, set by the graders) passes ``hidden=True`` to the
   checkers that take a ``hidden`` keyword, which then add cases beyond the public ones.
 """
@@ -60,7 +60,7 @@ class Incorrect(Exception):
 
 
 class NotCorrect(AssertionError):
-    """Raised by :func:`assert_correct` (and by :func:`check` in strict mode) unless the answer
+    """Raised by ``lessons_lib.grade.assert_correct`` (and by :func:`check` in strict mode) unless the answer
     is correct; its text is the verdict line with the hint. ``result`` is the verdict as data."""
 
     def __init__(self, result: "CheckResult"):
@@ -358,29 +358,6 @@ def check(exercise_id: str, candidate) -> None:
     print(result)
     if strict() and result.status != CORRECT:
         raise NotCorrect(result)
-
-
-def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> None:
-    """Judge ``candidate`` for a grade: print the verdict and raise :class:`NotCorrect` (with the
-    same hint) unless it is correct.
-
-    With ``isolated`` (the default) the checker runs in a fresh Python process with the hidden
-    cases, on a copy of the answer (its code and what it refers to), so nothing the notebook
-    rebinds or prints changes the verdict; the run is bounded there and killed, ranks and all,
-    if it overruns. nbgrader's test cells call this (see :mod:`lessons_lib.grade.nbgrader`);
-    the verdict is also appended to :data:`HISTORY`.
-    """
-    if isolated:
-        from ..grade.judge import judge_isolated
-
-        result = judge_isolated(exercise_id, candidate)
-    else:
-        result = evaluate(exercise_id, candidate, hidden=True)
-    HISTORY.append(result)
-    print(result)
-    if result.status != CORRECT:
-        raise NotCorrect(result)
-    # Returns nothing: an autograder would read a value shown as the cell's output as a score.
 
 
 # -- what many checkers share ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Judge answers in a fresh Python process, outside the learner's namespace.
+"""Judge answers in a fresh Python process, outside the learner's namespace: ``assert_correct``.
 
 An answer travels as a copy (cloudpickle: its code and everything it refers to; a module or a
 library function by name), so the fresh process judges exactly what the learner defined, with
@@ -17,7 +17,8 @@ import json
 import pickle
 import sys
 
-from ..exercises.check import CHECK_LIMIT_S, CORRECT, INCORRECT, NOT_ATTEMPTED, CheckResult
+from ..exercises.check import (CHECK_LIMIT_S, CORRECT, HISTORY, INCORRECT, NOT_ATTEMPTED, CheckResult,
+                               NotCorrect, evaluate)
 from ..launch.pool import caller_sys_path
 from .processes import job_env, run_python
 
@@ -73,12 +74,32 @@ def judge_payload(payload: dict[str, tuple], sys_path: list[str] | None = None,
 
 
 def judge_isolated(exercise_id: str, candidate) -> CheckResult:
-    """The verdict on one answer, judged in a fresh process (what ``assert_correct`` uses)."""
+    """The verdict on one answer, judged in a fresh process (what :func:`assert_correct` uses)."""
     return judge_payload(export({exercise_id: candidate}), caller_sys_path())[exercise_id]
 
 
+def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> None:
+    """Judge ``candidate`` for a grade: print the verdict and raise
+    :class:`~lessons_lib.exercises.check.NotCorrect` (with the same hint) unless it is correct.
+
+    With ``isolated`` (the default) the checker runs in a fresh Python process with the hidden
+    cases, on a copy of the answer (its code and what it refers to), so nothing the notebook
+    rebinds or prints changes the verdict; the run is bounded there and killed, ranks and all,
+    if it overruns. nbgrader's test cells call this (see :mod:`lessons_lib.grade.nbgrader`);
+    the verdict is also appended to ``HISTORY``.
+    """
+    if isolated:
+        result = judge_isolated(exercise_id, candidate)
+    else:
+        result = evaluate(exercise_id, candidate, hidden=True)
+    HISTORY.append(result)
+    print(result)
+    if result.status != CORRECT:
+        raise NotCorrect(result)
+    # Returns nothing: an autograder would read a value shown as the cell's output as a score.
+
+
 def main() -> int:
-    from ..exercises.check import evaluate   # registers every checker
     from ..launch._pickle import loads
 
     payload = pickle.loads(sys.stdin.buffer.read())

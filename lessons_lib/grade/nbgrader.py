@@ -16,7 +16,7 @@ test, removed from the release and put back by ``autograde``::
 
     check("03.ring_bytes", predicted_busiest_rank_bytes)
     ### BEGIN HIDDEN TESTS
-    from lessons_lib.exercises.check import assert_correct as _assert_correct
+    from lessons_lib.grade import assert_correct as _assert_correct
     _assert_correct("03.ring_bytes", predicted_busiest_rank_bytes)
     ### END HIDDEN TESTS
 
@@ -45,7 +45,7 @@ COURSE_ROOT = Path(__file__).resolve().parent.parent.parent
 CELL_TIMEOUT_S = CHECK_LIMIT_S + int(judge_limit(1)) + 15
 
 HIDDEN = ('### BEGIN HIDDEN TESTS\n'
-          'from lessons_lib.exercises.check import assert_correct as _assert_correct\n'
+          'from lessons_lib.grade import assert_correct as _assert_correct\n'
           '{calls}\n'
           '### END HIDDEN TESTS')
 
