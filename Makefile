@@ -8,11 +8,11 @@ KERNEL := distributed-inference
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test test-portable venv browser notebooks exercises benchmarks clean
+.PHONY: lab test test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[lab,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[lab,dev,instructor]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,12 +39,27 @@ test: $(STAMP) browser
 test-portable: $(STAMP)
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q notebooks $(PYTEST_NB)
 
-# Regenerate exercises/ from solutions/, then re-execute every notebook in place.
+# Regenerate exercises/ from solutions/: unchanged notebooks are left alone, a notebook whose
+# code changed is re-executed in place (outputs kept, nothing left dirty).
 exercises: $(STAMP)
 	$(BIN)/python -m lessons_lib.exercises.stubs
 
-notebooks: exercises
+# `make notebooks` regenerates the exercises, then re-executes every notebook in place.
+notebooks: $(STAMP)
+	$(BIN)/python -m lessons_lib.exercises.stubs --no-execute
 	$(BIN)/python scripts/execute_notebooks.py
+
+# Grade a class: SUBMISSIONS holds one folder per student with their NN_topic.ipynb files;
+# writes grades.csv and grades.md next to it (in grades/). See README, "For instructors".
+grade: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submissions"; exit 2; }
+	$(BIN)/python -m lessons_lib.grade "$(SUBMISSIONS)"
+
+# nbgrader: an assignment's source notebooks from solutions/, e.g.
+# make nbgrader-source COURSE=~/course ASSIGNMENT=lab1 LESSONS="03 10"; then nbgrader in COURSE.
+nbgrader-source: $(STAMP)
+	@test -n "$(COURSE)" -a -n "$(ASSIGNMENT)" || { echo "usage: make nbgrader-source COURSE=dir ASSIGNMENT=name [LESSONS=\"03 10\"]"; exit 2; }
+	$(BIN)/python -m lessons_lib.grade.nbgrader "$(COURSE)" "$(ASSIGNMENT)" $(LESSONS)
 
 benchmarks: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

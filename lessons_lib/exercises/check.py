@@ -9,6 +9,16 @@ raises :class:`Incorrect` with a hint. The helpers here keep checkers honest and
   (which rank waits in which call, at which line) and a rank's exception into a hint;
 - :func:`evaluate` bounds the whole check in time (:data:`CHECK_LIMIT_S`), so an endless
   loop in an answer ends as a verdict too.
+
+For grading, verdicts are data (:class:`CheckResult`), not printed text:
+
+- strict mode (``COURSE_STRICT=1`` in the environment) makes :func:`check` raise
+  :class:`NotCorrect`, with the same text, on anything but correct;
+- ``lessons_lib.grade.assert_correct`` judges an answer in a fresh Python process, outside the
+  learner's namespace (a notebook that rebinds ``check`` or prints a verdict line of its own
+  gains nothing), and raises :class:`NotCorrect` unless it is correct;
+- grading mode (``COURSE_GRADING=1``, set by the graders) passes ``hidden=True`` to the
+  checkers that take a ``hidden`` keyword, which then add cases beyond the public ones.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import signal
 import threading
 import types
@@ -33,10 +44,14 @@ from ..launch.errors import DistributedError
 CHECK_LIMIT_S = 60      # a whole check, whatever the answer does
 RANK_TIMEOUT_S = 8      # one call of an answer on warm ranks: a hang is reported after this
 
+STRICT_ENV = "COURSE_STRICT"     # "1": check() raises NotCorrect unless the answer is correct
+GRADING_ENV = "COURSE_GRADING"   # "1": checkers that support it add hidden cases
+
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not attempted"
-_MARKS = {CORRECT: "✅", INCORRECT: "❌", NOT_ATTEMPTED: "⬜"}
+_MARKS = {CORRECT: "✅", INCORRECT: "❌", NOT_ATTEMPTED: "⬜", "error": "⚠️"}  # error: grading only
 
 _CHECKERS: dict[str, tuple[str, Callable]] = {}
+_HIDDEN: set[str] = set()   # checkers that take ``hidden=`` (extra cases when grading)
 HISTORY: list["CheckResult"] = []   # every result in this process, oldest first
 
 
@@ -44,17 +59,37 @@ class Incorrect(Exception):
     """Raised by a checker with a hint: what the learner's answer got wrong."""
 
 
-class _OverTime(Exception):
-    """Raised in the main thread when a check runs past its limit."""
+class NotCorrect(AssertionError):
+    """Raised by ``lessons_lib.grade.assert_correct`` (and by :func:`check` in strict mode) unless the answer
+    is correct; its text is the verdict line with the hint. ``result`` is the verdict as data."""
+
+    def __init__(self, result: "CheckResult"):
+        super().__init__(str(result))
+        self.result = result
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def strict() -> bool:
+    """Whether ``check`` raises on anything but correct (``COURSE_STRICT=1``)."""
+    return _env_flag(STRICT_ENV)
+
+
+def grading() -> bool:
+    """Whether checks run for a grade (``COURSE_GRADING=1``): hidden cases are added."""
+    return _env_flag(GRADING_ENV)
+
+
+class _OverTime(BaseException):
+    """Raised in the main thread when a check runs past its limit. Not an ``Exception``, so an
+    answer's ``except Exception`` does not swallow it."""
 
 
 @contextmanager
 def _time_limit(seconds: float):
-    """Raise :class:`_OverTime` in the main thread after ``seconds`` (no bound elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
+    """Raise :class:`_OverTime` in the main thread after ``seconds`` (see :func:`_bounded`)."""
     def alarm(signum, frame):
         raise _OverTime()
 
@@ -65,6 +100,34 @@ def _time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _bounded(call: Callable, seconds: float):
+    """``call()``, raising :class:`_OverTime` once it has run ``seconds``.
+
+    In the main thread an alarm interrupts the answer itself. Elsewhere (a widget callback, a
+    thread of the learner's) no signal can reach it: the call runs in a daemon thread that is
+    left behind when it overruns, and the verdict still comes on time.
+    """
+    if threading.current_thread() is threading.main_thread():
+        with _time_limit(seconds):
+            return call()
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="check", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _OverTime()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 # -- answers that call the library's own implementation -------------------------------------
@@ -207,6 +270,8 @@ def exercise(exercise_id: str, title: str):
         if exercise_id in _CHECKERS:
             raise ValueError(f"exercise id {exercise_id!r} is registered twice")
         _CHECKERS[exercise_id] = (title, checker)
+        if "hidden" in inspect.signature(checker).parameters:
+            _HIDDEN.add(exercise_id)
         return checker
     return register
 
@@ -216,6 +281,23 @@ def registered() -> dict[str, str]:
     return {key: title for key, (title, _) in sorted(_CHECKERS.items())}
 
 
+def has_hidden_cases(exercise_id: str) -> bool:
+    """Whether the checker of ``exercise_id`` adds hidden cases when grading."""
+    return exercise_id in _HIDDEN
+
+
+def cases(public: list, hidden: list, include_hidden: bool) -> list:
+    """The cases a checker runs: the public ones, then the hidden ones when grading.
+
+    A checker opts in by taking a keyword ``hidden`` and passing it here::
+
+        @exercise("NN.name", "...")
+        def check_name(candidate, hidden=False):
+            for case in cases(PUBLIC, HIDDEN, hidden): ...
+    """
+    return list(public) + (list(hidden) if include_hidden else [])
+
+
 def _is_stub(exc: BaseException) -> bool:
     if isinstance(exc, NotImplementedError):
         return True
@@ -223,15 +305,22 @@ def _is_stub(exc: BaseException) -> bool:
     return isinstance(exc, DistributedError) and exc.remote_type == "NotImplementedError"
 
 
-def evaluate(exercise_id: str, candidate) -> CheckResult:
-    """The verdict on ``candidate`` for ``exercise_id``, as data; never raises, bounded in time."""
+def evaluate(exercise_id: str, candidate, hidden: bool | None = None) -> CheckResult:
+    """The verdict on ``candidate`` for ``exercise_id``, as data; never raises, bounded in time.
+
+    ``hidden`` adds the hidden cases of a checker that has some; by default it follows grading
+    mode (``COURSE_GRADING=1``).
+    """
     if exercise_id not in _CHECKERS:
         known = ", ".join(sorted(_CHECKERS)) or "none"
         return CheckResult(exercise_id, INCORRECT, f"no exercise has this id; known ids: {known}")
     _, checker = _CHECKERS[exercise_id]
+    if hidden is None:
+        hidden = grading()
+    if exercise_id in _HIDDEN:
+        checker = functools.partial(checker, hidden=hidden)
     try:
-        with _time_limit(CHECK_LIMIT_S):
-            message = checker(candidate)
+        message = _bounded(lambda: checker(candidate), CHECK_LIMIT_S)
     except Incorrect as wrong:
         return CheckResult(exercise_id, INCORRECT, str(wrong))
     except _OverTime:
@@ -260,10 +349,15 @@ def check(exercise_id: str, candidate) -> None:
     and other ``BaseException``s included, so a check never ends the notebook's cell
     abruptly; only ``KeyboardInterrupt`` passes through, so Ctrl-C still stops a check.
     The verdict is also appended to :data:`HISTORY`, where tests read it.
+
+    In strict mode (``COURSE_STRICT=1``) a verdict other than correct is raised as
+    :class:`NotCorrect` after it is printed, so an autograder counts the cell as failed.
     """
     result = evaluate(exercise_id, candidate)
     HISTORY.append(result)
     print(result)
+    if strict() and result.status != CORRECT:
+        raise NotCorrect(result)
 
 
 # -- what many checkers share ----------------------------------------------------------------
