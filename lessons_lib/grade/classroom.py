@@ -107,7 +107,7 @@ def grade_notebook(student: str, lesson: str, notebook: Path, answers: list[tupl
         except OSError as exc:
             return every(ERROR, f"the notebook could not be read ({exc})")
         tag, env = job_env()
-        code, _, err = run_python(["-m", "lessons_lib.grade.runner", str(copy), json.dumps(answers),
+        code, _, err = run_python("lessons_lib.grade.runner", [str(copy), json.dumps(answers),
                                    str(payload_path), str(limit_s)], env, tag, limit_s + START_S, cwd=str(work),
                                   cores=cores)
         if keep is not None and copy.exists():

@@ -54,7 +54,7 @@ def judge_payload(payload: dict[str, tuple], sys_path: list[str] | None = None,
         return {}
     timeout = judge_limit(len(payload)) if timeout is None else timeout
     tag, env = job_env({"COURSE_GRADING": "1"}, sys_path)
-    code, out, err = run_python(["-m", "lessons_lib.grade.judge"], env, tag, timeout,
+    code, out, err = run_python("lessons_lib.grade.judge", [], env, tag, timeout,
                                 stdin=pickle.dumps(payload), cores=cores)
     verdicts = {}
     for line in out.splitlines():

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import psutil
+
+from ..launch.child import start_child
 
 TAG_ENV = "COURSE_GRADE_JOB"
 
@@ -72,16 +73,16 @@ def core_sets(jobs: int) -> list[list[int]]:
     return [cores[i::jobs] for i in range(jobs)]
 
 
-def run_python(args: list[str], env: dict, tag: str, timeout: float, stdin: bytes | None = None,
+def run_python(module: str, args: list[str], env: dict, tag: str, timeout: float, stdin: bytes | None = None,
                cwd: str | None = None, cores: list[int] | None = None) -> tuple[int | None, str, str]:
-    """``python -m ...args`` with a time limit; every process it left is ended afterwards.
+    """``python -m module *args`` with a time limit; every process it left is ended afterwards.
 
     With ``cores``, the process (and so the kernel and ranks it starts, which inherit it) runs on
     those cores only: jobs side by side do not compete for the same ones.
     Returns (exit code or None when it ran past ``timeout``, stdout, stderr).
     """
-    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_child(module, args, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
     if cores:
         try:
             psutil.Process(proc.pid).cpu_affinity(cores)
