@@ -1,2 +1,16 @@
-"""Parallelism applied to a plain model from outside: data, tensor and pipeline parallel,
-and the mesh of process groups they share. Import the submodule you need."""
+"""Parallelism (lessons 02, 11-14): one mesh of ranks, and data, tensor and pipeline parallelism on it.
+
+The pipeline's names are in ``lessons_lib.parallel.pipeline``.
+"""
+
+from .data import DataParallelInference, data_parallel_generate, gather_rows, local_rows, row_range, split_sizes
+from .mesh import Mesh, groups_along, mesh_grid, mesh_sizes, rank_at, rank_coords
+from .plan import STYLES, Colwise, Rowwise, Vocab, VocabHead, describe_shards, parallelize, tiny_lm_tp_plan, validate_tp
+from .tensor import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                     all_gather_last_dim, all_reduce_sum, group_rank, group_size, shard_indices, split_last_dim)
+
+__all__ = ["STYLES", "ColumnParallelLinear", "Colwise", "DataParallelInference", "Mesh", "ParallelLMHead",
+           "RowParallelLinear", "Rowwise", "Vocab", "VocabHead", "VocabParallelEmbedding", "all_gather_last_dim",
+           "all_reduce_sum", "data_parallel_generate", "describe_shards", "gather_rows", "group_rank", "group_size",
+           "groups_along", "local_rows", "mesh_grid", "mesh_sizes", "parallelize", "rank_at", "rank_coords",
+           "row_range", "shard_indices", "split_last_dim", "split_sizes", "tiny_lm_tp_plan", "validate_tp"]
