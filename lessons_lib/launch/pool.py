@@ -8,6 +8,13 @@ mid-collective cannot be trusted again, and a fresh pool is cheap by comparison.
 
 Each rank leads its own process group, so stopping a rank also ends every process
 it started (a ``subprocess.Popen`` in ``fn``), which would otherwise outlive it.
+
+A rank's *native* standard error (file descriptor 2: what C++ code such as gloo or
+NCCL writes, a C++ ``terminate`` message, a fatal-signal report) goes to a
+temporary file per rank, never straight to the caller's terminal or notebook. After
+a call that succeeds it is shown with the rank's other output; when a call fails it
+travels in the :class:`DistributedError` (``native_stderr``), so a rank's last words
+are read under the explained error instead of above it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 
@@ -54,6 +62,8 @@ class WorkerPool:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._dumps: list[int] = []   # read ends of the ranks' stack-dump pipes
+        self._errs: list = []         # each rank's native stderr (a temporary file)
+        self._err_read: list[int] = []  # how much of each of them was already read
         try:
             self._start(startup_s)
         except BaseException:
@@ -64,15 +74,19 @@ class WorkerPool:
     def _spawn(self, rank: int, env: dict) -> None:
         parent_end, child_end = socket.socketpair()
         dump_read, dump_write = os.pipe()
+        # A file, not a pipe: a rank writing much to fd 2 can never block on a full pipe.
+        native_err = tempfile.TemporaryFile(prefix=f"rank{rank}-stderr-")
         cmd = [sys.executable, "-m", "lessons_lib.launch._worker", str(child_end.fileno()),
                str(dump_write), str(rank), str(self.world_size), "127.0.0.1",
                str(self._store.port), self.backend, str(self.threads), str(GROUP_TIMEOUT_S)]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(), dump_write), env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, stderr=native_err,
+                                    start_new_session=True)
         except BaseException:
             parent_end.close()
             os.close(dump_read)
+            native_err.close()
             raise
         finally:
             child_end.close()
@@ -81,6 +95,20 @@ class WorkerPool:
         self._procs.append(proc)
         self._conns.append(Connection(parent_end.detach()))
         self._dumps.append(dump_read)
+        self._errs.append(native_err)
+        self._err_read.append(0)
+
+    def native_stderr(self) -> dict[int, str]:
+        """What each rank wrote to its file descriptor 2 since the last time this was asked,
+        for the ranks that wrote anything."""
+        texts = {}
+        for rank, f in enumerate(self._errs):
+            size = os.fstat(f.fileno()).st_size
+            if size > self._err_read[rank]:
+                data = os.pread(f.fileno(), size - self._err_read[rank], self._err_read[rank])
+                self._err_read[rank] += len(data)
+                texts[rank] = data.decode(errors="replace")
+        return texts
 
     def _start(self, startup_s: float) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,7 +135,7 @@ class WorkerPool:
                 if message[0] == "died":
                     raise RankDiedWhileStarting(
                         f"rank {rank} {message[1]} while starting, before joining the process group",
-                        rank=rank, kind="startup")
+                        rank=rank, kind="startup", native_stderr=self.native_stderr())
                 if message[0] != "ready":
                     raise DistributedError(
                         f"rank {rank} could not join the process group "
@@ -146,7 +174,9 @@ class WorkerPool:
             conn.close()
         for fd in self._dumps:
             os.close(fd)
-        self._procs, self._conns, self._dumps = [], [], []
+        for f in self._errs:
+            f.close()
+        self._procs, self._conns, self._dumps, self._errs, self._err_read = [], [], [], [], []
         self._store = None
 
     # -- one call ------------------------------------------------------------------
@@ -194,14 +224,15 @@ class WorkerPool:
             f"stopped. Where they were:\n{story}",
             rank=pending[0], kind="timeout", failed_ranks=tuple(pending),
             stacks={r: hang.format_stack(w) for r, w in whereabouts.items()},
-            missing_ranks=missing)
+            missing_ranks=missing, native_stderr=self.native_stderr())
 
     def call(self, payload: bytes, context: dict, timeout: float, outputs: list[dict]) -> list[bytes]:
         """Run one pickled call on every rank; fill ``outputs[rank]`` with its text.
 
         ``context`` is the caller's ``cwd`` and ``sys_path``. Returns each rank's pickled
-        result. Raises :class:`DistributedError` on the first failure, after which the
-        pool is unusable and must be closed.
+        result, and adds what each rank wrote to its native stderr to ``outputs``. Raises
+        :class:`DistributedError` on the first failure, with the ranks' native stderr in
+        it, after which the pool is unusable and must be closed.
         """
         for conn in self._conns:
             conn.send(("call", payload, context))
@@ -227,16 +258,21 @@ class WorkerPool:
                     raise DistributedError(
                         f"rank {rank} raised {message[1]}; the other ranks were stopped",
                         rank=rank, kind="exception", remote_type=message[1],
-                        remote_traceback=message[2])
+                        remote_traceback=message[2], native_stderr=self.native_stderr())
                 elif tag == "unpicklable":
                     raise DistributedError(
                         f"rank {rank} returned a value that cannot be sent back to the "
                         f"caller ({message[1]}); make `fn` return tensors, numbers, "
-                        f"strings or containers of them", rank=rank, kind="unpicklable")
+                        f"strings or containers of them", rank=rank, kind="unpicklable",
+                        native_stderr=self.native_stderr())
                 elif tag == "died":
                     raise DistributedError(
                         f"rank {rank} {message[1]} before finishing; the other ranks "
-                        f"were stopped", rank=rank, kind="killed")
+                        f"were stopped", rank=rank, kind="killed",
+                        native_stderr=self.native_stderr())
+        # Each rank wrote its fd-2 text before its answer, so the files hold all of it now.
+        for rank, text in self.native_stderr().items():
+            outputs[rank]["stderr"].append(text)
         return [results[r] for r in range(self.world_size)]
 
 
