@@ -70,6 +70,36 @@ def test_output_is_prefixed_and_in_rank_order(capsys):
     assert err.splitlines() == [f"[rank{r}] warning {r}" for r in range(3)]
 
 
+def test_native_stderr_is_captured_and_prefixed(capfd):
+    def writes_below_python():
+        # What C++ code (gloo, NCCL) writes goes to file descriptor 2, past sys.stderr.
+        os.write(2, f"native note from {dist.get_rank()}\n".encode())
+        return dist.get_rank()
+
+    shutdown()   # ranks started under this test's capture, so a leak would show in it
+    assert run_distributed(writes_below_python, 2) == [0, 1]
+    out, err = capfd.readouterr()
+    assert err.splitlines() == [f"[rank{r}] native note from {r}" for r in range(2)]
+
+
+def test_a_dying_ranks_native_stderr_is_in_the_error_not_above_it(capfd):
+    def last_words_then_death():
+        if dist.get_rank() == 1:
+            os.write(2, b"terminate called after throwing an instance of 'Example'\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+
+    shutdown()
+    with pytest.raises(DistributedError) as info:
+        run_distributed(last_words_then_death, 2, timeout=60)
+    err = info.value
+    assert (err.rank, err.kind) == (1, "killed")
+    assert "instance of 'Example'" in err.native_stderr[1]
+    assert "what rank 1 wrote to its native stderr" in str(err)
+    assert "Example" not in err.summary
+    assert "Example" not in capfd.readouterr().err   # nothing printed above the caught error
+
+
 def test_warm_pool_is_reused():
     first = run_distributed(rank_and_pid, 2)
     second = run_distributed(rank_and_pid, 2)

@@ -94,3 +94,56 @@ def test_sessions_hit_two_versions_without_pinning_and_one_with_it():
         rolling_update(router, ["w0"], [WorkerSpec("w2", version="v2", model="random:1")])
         after = run_session(router, "s-after", prompt, steps=2, pin=True)
         assert {v for _, v in after["served"]} == {"v2"} and set(router.live_workers()) == {"w1", "w2"}
+
+
+def _fingerprint_after_parallelize():
+    import torch.distributed as dist
+
+    from lessons_lib.parallel.plan import parallelize, tiny_lm_tp_plan
+    from lessons_lib.serving.fingerprint import state_fingerprint
+    from lessons_lib.serving.worker import load_model
+
+    model = load_model("random:0")
+    parallelize(model, tiny_lm_tp_plan(model))
+    return dist.get_rank(), state_fingerprint(model.state_dict())
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_the_manifest_follows_the_real_tp_plan(state, tp):
+    # What each rank holds after parallelize is what shard_state computes offline; at tp=4 the
+    # tiny LM's KV heads are replicated, which a plain split of every matrix would get wrong.
+    manifest = shard_manifest(state, tp)
+    assert run_distributed(_fingerprint_after_parallelize, tp, timeout=90) == list(enumerate(manifest))
+    shard = shard_state(state, 1, 2)
+    assert shard["layers.0.attn.o_proj.weight"].shape[1] * 2 == state["layers.0.attn.o_proj.weight"].shape[1]
+    assert torch.equal(shard["norm.weight"], state["norm.weight"])       # norms stay replicated
+
+
+def test_a_plan_that_does_not_divide_is_named():
+    with pytest.raises(ValueError, match="layers.0.mlp.gate_proj.weight: .*tp=5"):
+        shard_state({"layers.0.mlp.gate_proj.weight": torch.ones(12, 4)}, 0, 5)
+
+
+def test_tp_against_one_process_in_fp32_and_bf16():
+    from lessons_lib.serving.numerics import tp_vs_one_process
+
+    for dtype in ("float32", "bfloat16"):
+        assert tp_vs_one_process(tp=1, dtype=dtype)["elements_differing"] == 0   # the same matmul
+    fp32, bf16 = tp_vs_one_process(tp=8), tp_vs_one_process(tp=8, dtype="bfloat16")
+    assert 0 < fp32["max_rel_diff"] < 1e-5
+    assert bf16["elements_differing"] > 0 and fp32["max_rel_diff"] < bf16["max_rel_diff"] < 0.05
+    with pytest.raises(ValueError, match="dtype="):
+        tp_vs_one_process(dtype="float16")
+
+
+def test_batch_variance_compares_with_the_request_served_alone():
+    from lessons_lib.serving.numerics import batch_variance
+
+    model = load_model("random:0")
+    before = state_fingerprint(model.state_dict())
+    rows = batch_variance(model, [1, 2, 8])
+    assert [r["batch"] for r in rows] == [1, 2, 8] and rows[0]["logits_differing"] == 0
+    assert all(r["max_abs_diff"] < 1e-3 for r in rows)
+    assert state_fingerprint(model.state_dict()) == before          # the model is not cast in place
+    with pytest.raises(ValueError, match="batch_sizes"):
+        batch_variance(model, [])

@@ -30,6 +30,25 @@ def test_a_sealed_tensor_round_trips_exactly(channel):
     assert torch.ones(64).numpy().tobytes() not in sealer.seal(torch.ones(64))   # ... payload is not
 
 
+def test_assigned_stream_ids_make_nonces_unique_across_sealers_under_one_key():
+    # SP 800-38D 8.2.1: a fixed field that names the sealer, then its counter. Distinct ids can
+    # never share a nonce, whatever the number of sealers; each opens as its own stream.
+    key = new_key()
+    opener = TensorOpener(key)
+    sealers = [TensorSealer(key, f"rank{r}", stream_id=r) for r in range(50)]
+    nonces = set()
+    for sealer in sealers:
+        for _ in range(3):
+            message = sealer.seal(torch.ones(1))
+            n = 2 + int.from_bytes(message[:2], "big")
+            nonces.add(__import__("json").loads(message[2:n])["nonce"])
+            opener.open(message)
+    assert len(nonces) == 150
+    assert sealers[7].stream == (7).to_bytes(8, "big")
+    with pytest.raises(ValueError, match="stream_id="):
+        TensorSealer(key, "r", stream_id=2 ** 64)
+
+
 def test_at_least_twenty_tampered_replayed_and_forged_messages_are_all_rejected(channel):
     key, sealer, opener = channel
     msgs = [sealer.seal(torch.randn(8)) for _ in range(6)]

@@ -375,3 +375,52 @@ def test_a_decoder_with_another_layer_signature_is_pipelined_through_a_stage_ada
         assert torch.allclose(_run_stages(adapter, ids, n), model(ids), atol=1e-6)
     with pytest.raises(ValueError, match="model='_OtherDecoder'.*StageAdapter.*it has no embed, layers, norm, lm_head"):
         PipelineStageModule(model, 0, 2)
+
+
+def _in_flight(tp, pp, m, new_tokens, padded):
+    import torch.distributed as dist
+
+    from lessons_lib.parallel.mesh import Mesh
+    from lessons_lib.parallel.pipeline import PipelineInference, build_stage
+
+    mesh = Mesh(tp=tp, pp=pp)
+    model = _model()
+    if tp > 1:
+        from lessons_lib.parallel.plan import parallelize, tiny_lm_tp_plan
+        parallelize(model, tiny_lm_tp_plan(model), mesh.tp_group)
+    runner = PipelineInference(build_stage(model, mesh), mesh, n_microbatches=m)
+    ids, mask = _prompt(), None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        mask[3, -2:] = 0
+    drained = runner.generate(ids, new_tokens, mask)
+    drained_order = [key for key, _, _ in runner.generate_records]
+    kept_full = runner.generate(ids, new_tokens, mask, in_flight=True)
+    order = [key for key, _, _ in runner.generate_records]
+    return dist.get_rank(), drained, kept_full, drained_order, order
+
+
+@pytest.mark.parametrize("world, tp, pp, m, padded", [(2, 1, 2, 2, False), (2, 1, 2, 3, True),
+                                                      (4, 1, 4, 4, False), (4, 2, 2, 2, False),
+                                                      (1, 1, 1, 2, False)],
+                         ids=["pp2-m2", "pp2-m3-padded", "pp4-m4", "tp2xpp2", "one-stage"])
+def test_in_flight_decoding_gives_the_tokens_of_one_process(world, tp, pp, m, padded):
+    _, ref_tokens = _reference(12, padded=padded)
+    for rank, drained, kept_full, drained_order, order in run_distributed(_in_flight, world, tp, pp, m, 12,
+                                                                      padded, timeout=180):
+        assert torch.equal(drained, ref_tokens) and torch.equal(kept_full, ref_tokens), f"rank {rank}"
+        # Every stage did the same work in both loops: one action per (token, micro-batch).
+        assert drained_order == order == [(k, i) for k in range(12) for i in range(m)]
+
+
+def test_in_flight_must_be_a_bool():
+    with pytest.raises(DistributedError, match="in_flight"):
+        run_distributed(_bad_in_flight, 2)
+
+
+def _bad_in_flight():
+    from lessons_lib.parallel.mesh import Mesh
+    from lessons_lib.parallel.pipeline import PipelineInference, build_stage
+    mesh = Mesh(pp=2)
+    return PipelineInference(build_stage(_model(), mesh), mesh).generate(_prompt(), 2, in_flight="yes")

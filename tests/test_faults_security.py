@@ -278,6 +278,7 @@ def _server(small):
 BAD_INPUTS = [
     # security
     ("seal-key", lambda c: TensorSealer(b"short", "r"), "key="),
+    ("seal-stream-id", lambda c: TensorSealer(bytes(32), "r", stream_id=-1), "stream_id="),
     ("seal-sender", lambda c: TensorSealer(new_key(), ""), "sender="),
     ("seal-list", lambda c: TensorSealer(new_key(), "r").seal([1, 2]), "tensor="),
     ("seal-sparse", lambda c: TensorSealer(new_key(), "r").seal(torch.eye(2).to_sparse()), "tensor="),

@@ -8,6 +8,13 @@ mid-collective cannot be trusted again, and a fresh pool is cheap by comparison.
 
 Each rank leads its own process group, so stopping a rank also ends every process
 it started (a ``subprocess.Popen`` in ``fn``), which would otherwise outlive it.
+
+A rank's *native* standard error (file descriptor 2: what C++ code such as gloo or
+NCCL writes, a C++ ``terminate`` message, a fatal-signal report) goes to a
+temporary file per rank, never straight to the caller's terminal or notebook. After
+a call that succeeds it is shown with the rank's other output; when a call fails it
+travels in the :class:`DistributedError` (``native_stderr``), so a rank's last words
+are read under the explained error instead of above it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 
@@ -30,6 +38,7 @@ MIN_STARTUP_S = 60.0        # the least start-up is given, even under a smaller 
 MAX_TIMEOUT_S = 86_400      # a call waiting longer than a day is a hang, not work
 # torch's own collective timeout: longer than any `timeout`, so the caller's acts first.
 GROUP_TIMEOUT_S = MAX_TIMEOUT_S + 60.0
+DEATH_GRACE_S = 0.05        # after a rank's exception, how long to look for a rank that died first
 STACK_WAIT_S = 2.0          # how long a hung rank has to write its stack
 
 
@@ -55,6 +64,8 @@ class WorkerPool:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._dumps: list[int] = []   # read ends of the ranks' stack-dump pipes
+        self._errs: list = []         # each rank's native stderr (a temporary file)
+        self._err_read: list[int] = []  # how much of each of them was already read
         try:
             self._start(startup_s)
         except BaseException:
@@ -65,14 +76,17 @@ class WorkerPool:
     def _spawn(self, rank: int, env: dict) -> None:
         parent_end, child_end = socket.socketpair()
         dump_read, dump_write = os.pipe()
+        # A file, not a pipe: a rank writing much to fd 2 can never block on a full pipe.
+        native_err = tempfile.TemporaryFile(prefix=f"rank{rank}-stderr-")
         args = [child_end.fileno(), dump_write, rank, self.world_size, "127.0.0.1", self._store.port,
                 self.backend, self.threads, GROUP_TIMEOUT_S]
         try:
             proc = start_child("lessons_lib.launch._worker", args, env=env,
-                               pass_fds=(child_end.fileno(), dump_write))
+                               pass_fds=(child_end.fileno(), dump_write), stderr=native_err)
         except BaseException:
             parent_end.close()
             os.close(dump_read)
+            native_err.close()
             raise
         finally:
             child_end.close()
@@ -81,6 +95,20 @@ class WorkerPool:
         self._procs.append(proc)
         self._conns.append(Connection(parent_end.detach()))
         self._dumps.append(dump_read)
+        self._errs.append(native_err)
+        self._err_read.append(0)
+
+    def native_stderr(self) -> dict[int, str]:
+        """What each rank wrote to its file descriptor 2 since the last time this was asked,
+        for the ranks that wrote anything."""
+        texts = {}
+        for rank, f in enumerate(self._errs):
+            size = os.fstat(f.fileno()).st_size
+            if size > self._err_read[rank]:
+                data = os.pread(f.fileno(), size - self._err_read[rank], self._err_read[rank])
+                self._err_read[rank] += len(data)
+                texts[rank] = data.decode(errors="replace")
+        return texts
 
     def _start(self, startup_s: float) -> None:
         env = course_env()
@@ -105,7 +133,7 @@ class WorkerPool:
                 if message[0] == "died":
                     raise RankDiedWhileStarting(
                         f"rank {rank} {message[1]} while starting, before joining the process group",
-                        rank=rank, kind="startup")
+                        rank=rank, kind="startup", native_stderr=self.native_stderr())
                 if message[0] != "ready":
                     raise DistributedError(
                         f"rank {rank} could not join the process group "
@@ -144,7 +172,9 @@ class WorkerPool:
             conn.close()
         for fd in self._dumps:
             os.close(fd)
-        self._procs, self._conns, self._dumps = [], [], []
+        for f in self._errs:
+            f.close()
+        self._procs, self._conns, self._dumps, self._errs, self._err_read = [], [], [], [], []
         self._store = None
 
     # -- one call ------------------------------------------------------------------
@@ -156,6 +186,16 @@ class WorkerPool:
             how = (f"killed by {signal.Signals(-code).name}" if code < 0
                    else f"exited with status {code}")
             return ("died", how)
+
+    def _dead_rank(self, exclude: int) -> int | None:
+        """The lowest rank other than ``exclude`` whose process has already ended, if any."""
+        time.sleep(DEATH_GRACE_S)      # a death and the error it causes arrive close together
+        return next((r for r, proc in enumerate(self._procs) if r != exclude and proc.poll() is not None),
+                    None)
+
+    def _died_error(self, rank: int, how: str) -> DistributedError:
+        return DistributedError(f"rank {rank} {how} before finishing; the other ranks were stopped",
+                                rank=rank, kind="killed", native_stderr=self.native_stderr())
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
         """Each rank's stack dump, asked for with SIGUSR1 (see :mod:`._worker`)."""
@@ -192,14 +232,15 @@ class WorkerPool:
             f"stopped. Where they were:\n{story}",
             rank=pending[0], kind="timeout", failed_ranks=tuple(pending),
             stacks={r: hang.format_stack(w) for r, w in whereabouts.items()},
-            missing_ranks=missing)
+            missing_ranks=missing, native_stderr=self.native_stderr())
 
     def call(self, payload: bytes, context: dict, timeout: float, outputs: list[dict]) -> list[bytes]:
         """Run one pickled call on every rank; fill ``outputs[rank]`` with its text.
 
         ``context`` is the caller's ``cwd`` and ``sys_path``. Returns each rank's pickled
-        result. Raises :class:`DistributedError` on the first failure, after which the
-        pool is unusable and must be closed.
+        result, and adds what each rank wrote to its native stderr to ``outputs``. Raises
+        :class:`DistributedError` on the first failure, with the ranks' native stderr in
+        it, after which the pool is unusable and must be closed.
         """
         for conn in self._conns:
             conn.send(("call", payload, context))
@@ -222,19 +263,26 @@ class WorkerPool:
                     results[rank] = message[1]
                     self.group_alive &= message[2]
                 elif tag == "err":
+                    dead = self._dead_rank(exclude=rank)
+                    if dead is not None:
+                        # Another rank died first: the exception here (a peer closed the
+                        # connection mid-collective) is its consequence, not the cause.
+                        raise self._died_error(dead, self._recv(dead)[1])
                     raise DistributedError(
                         f"rank {rank} raised {message[1]}; the other ranks were stopped",
                         rank=rank, kind="exception", remote_type=message[1],
-                        remote_traceback=message[2])
+                        remote_traceback=message[2], native_stderr=self.native_stderr())
                 elif tag == "unpicklable":
                     raise DistributedError(
                         f"rank {rank} returned a value that cannot be sent back to the "
                         f"caller ({message[1]}); make `fn` return tensors, numbers, "
-                        f"strings or containers of them", rank=rank, kind="unpicklable")
+                        f"strings or containers of them", rank=rank, kind="unpicklable",
+                        native_stderr=self.native_stderr())
                 elif tag == "died":
-                    raise DistributedError(
-                        f"rank {rank} {message[1]} before finishing; the other ranks "
-                        f"were stopped", rank=rank, kind="killed")
+                    raise self._died_error(rank, message[1])
+        # Each rank wrote its fd-2 text before its answer, so the files hold all of it now.
+        for rank, text in self.native_stderr().items():
+            outputs[rank]["stderr"].append(text)
         return [results[r] for r in range(self.world_size)]
 
 

@@ -42,25 +42,55 @@ def broadcast_state_(state: dict, src: int = 0) -> None:
         dist.broadcast(state[name], src=src)
 
 
-def shard_state(state: dict, rank: int, world_size: int) -> dict:
-    """A simple tensor-parallel sharding for fingerprints: 2-D weights split by rows, the rest
-    replicated. Each rank's shard fingerprint can be checked against a manifest built offline."""
+def shard_state(state: dict, rank: int, world_size: int, plan: dict | None = None) -> dict:
+    """Rank ``rank``'s tensor-parallel shard of a full ``state``, sliced exactly as
+    :func:`lessons_lib.parallel.plan.parallelize` slices the live model under ``plan``.
+
+    ``plan`` defaults to the tiny LM's (:func:`~lessons_lib.parallel.plan.tiny_lm_tp_plan` of the
+    default config): q/k/v and gate/up projections keep whole heads or ``ffn_dim`` features of
+    their output rows (KV heads replicated when ``world_size`` exceeds them), o/down projections
+    keep columns, embedding and LM head keep vocabulary rows; tensors of modules the plan does
+    not name (the norms) are replicated. So the fingerprint of a rank's ``state_dict()`` after
+    ``parallelize`` equals this shard's, and a manifest built offline from the full checkpoint
+    checks what each rank really holds.
+    """
+    from ..parallel.plan import Colwise, Rowwise, _matches, _resolve, tiny_lm_tp_plan
+    from ..parallel.tensor import shard_indices
+
     _check_state("state", state)
     check_int("world_size", world_size, low=1)
     check_int("rank", rank, low=0, high=world_size - 1)
+    if plan is None:
+        plan = tiny_lm_tp_plan()
+    if not isinstance(plan, dict) or not plan:
+        raise bad("plan", plan, "a non-empty dict {submodule name: style}, as parallelize takes")
+    styles = [(entry, _resolve(style, entry)) for entry, style in plan.items()]
     out = {}
     for name, t in state.items():
-        if t.dim() == 2 and t.shape[0] % world_size == 0:
-            out[name] = t.chunk(world_size, dim=0)[rank]
-        else:
-            out[name] = t
+        module, _, param = name.rpartition(".")
+        style = next((s for entry, s in styles if module and _matches(entry, module)), None)
+        if style is None or (isinstance(style, Rowwise) and param != "weight"):
+            out[name] = t       # not split, or a row-parallel bias (added once, after the sum)
+            continue
+        # Colwise and the vocabulary styles keep rows (dim 0); Rowwise keeps input columns (dim 1).
+        dim = 1 if isinstance(style, Rowwise) else 0
+        unit = getattr(style, "unit", 1)
+        replicate = isinstance(style, Colwise) and style.replicate
+        what = getattr(style, "name", None) or name
+        try:
+            keep = shard_indices(t.shape[dim], world_size, rank, unit=unit, name=what,
+                                 replicate=replicate)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        out[name] = t.index_select(dim, keep)
     return out
 
 
-def shard_manifest(state: dict, world_size: int) -> list[str]:
-    """The expected fingerprint of each rank's shard: what a release pipeline would publish."""
+def shard_manifest(state: dict, world_size: int, plan: dict | None = None) -> list[str]:
+    """The expected fingerprint of each rank's shard under ``plan`` (see :func:`shard_state`):
+    what a release pipeline publishes beside the checkpoint, one list per TP size."""
     check_int("world_size", world_size, low=1)
-    return [state_fingerprint(shard_state(state, r, world_size)) for r in range(world_size)]
+    return [state_fingerprint(shard_state(state, r, world_size, plan)) for r in range(world_size)]
 
 
 def sum_order_demo(seed: int = 0, rows: int = 64, cols: int = 1024, parts: int = 4) -> dict:

@@ -7,6 +7,11 @@ one block at a time (a cache timing attack, the same family as Flush+Reload on C
 The fix used by serving engines: mix a **per-tenant salt** into the block hashes (vLLM's
 ``cache_salt``). Equal text from different tenants then hashes differently and never shares
 blocks; within one tenant, caching works as before.
+
+Here the salt is the tenant's name, which is safe only because the server sets it from the
+authenticated caller: a tenant cannot send requests under another's name. A salt the *client*
+supplies (vLLM's ``cache_salt`` is a request field) must instead be secret and unguessable, or
+tenant B simply sends tenant A's salt.
 """
 
 from __future__ import annotations

@@ -32,10 +32,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..validate import bad, check_int, check_real, check_str, check_str_list
 
 _LEN = struct.Struct("!H")
-# GCM's 96-bit nonce, built as NIST SP 800-38D section 8.2.1 lays out: a fixed field naming the
-# stream, then an invocation field counting its messages. 64 random bits make two streams under
-# one key collide with odds of about n**2 / 2**65 for n sealers; 32 bits of counter allow four
-# billion messages per sealer, after which it refuses to seal rather than repeat a nonce.
+# GCM's 96-bit nonce, laid out as NIST SP 800-38D section 8.2.1 does: a 64-bit fixed field naming
+# the stream, then a 32-bit invocation field counting its messages (at most 2**32 - 1 per sealer,
+# after which it refuses to seal rather than repeat a nonce). The fixed field is either a unique
+# stream id the caller assigns (8.2.1's deterministic construction: no two sealers under one key
+# can share a nonce) or, by default, 64 random bits: then two of n sealers under one key collide
+# with odds of about n**2 / 2**65, and SP 800-38D section 8.3 caps the key at 2**32 messages in all.
 _STREAM_BYTES, _SEQ_BYTES = 8, 4
 _MAX_SEQ = 2 ** (8 * _SEQ_BYTES) - 1
 
@@ -70,14 +72,24 @@ def _tensor_bytes(tensor) -> tuple[torch.Tensor, bytes]:
 class TensorSealer:
     """Seals tensors from one sender. Each message gets the next sequence number.
 
-    The 96-bit GCM nonce is this sealer's random 8-byte stream id plus the 4-byte sequence
-    number, so a nonce never repeats under one key, which GCM requires (a repeat leaks the XOR
-    of plaintexts). A restarted sender gets a new stream id, so its sequence number 1 is new too.
+    The 96-bit GCM nonce is an 8-byte stream id plus the 4-byte sequence number, so this sealer
+    never repeats a nonce. GCM needs more: no repeat under one *key*, across every sealer using it
+    (a repeat leaks the XOR of plaintexts and lets an attacker forge tags). ``stream_id`` is how:
+    give each sealer under a key a distinct id (an int below 2**64, e.g. assigned by the
+    coordinator per sender and per restart, never reused under the key) and nonces cannot collide;
+    or use one key per sender. Left out, the id is random, a restarted sender gets a new one, and
+    uniqueness is only probable (about n**2 / 2**65 for n sealers), so rotate the key well before
+    2**32 messages in total (NIST SP 800-38D, section 8.3).
     """
 
-    def __init__(self, key: bytes, sender: str) -> None:
+    def __init__(self, key: bytes, sender: str, stream_id: int | None = None) -> None:
         self.aead, self.sender, self.seq = _aead(key), check_str("sender", sender), 0
-        self.stream = os.urandom(_STREAM_BYTES)
+        if stream_id is None:
+            self.stream = os.urandom(_STREAM_BYTES)
+        else:
+            check_int("stream_id", stream_id, low=0, high=2 ** (8 * _STREAM_BYTES) - 1,
+                      why="the nonce's fixed field: distinct for every sealer under one key")
+            self.stream = stream_id.to_bytes(_STREAM_BYTES, "big")
 
     def seal(self, tensor: torch.Tensor) -> bytes:
         t, body = _tensor_bytes(tensor)          # before taking a number: a refusal burns none

@@ -6,11 +6,13 @@ a schedule (plain data) say which stage runs which micro-batch when.
 - :mod:`.p2p`: send/recv of activations with shape and dtype sent first;
 - :mod:`.stage`: the slice of a decoder-only LM one rank owns;
 - :mod:`.runtime`: the executor and :class:`PipelineInference` (prefill + KV-cached decode);
+- :mod:`.inflight`: decoding with micro-batches in flight across tokens (no drain per token);
 - :mod:`.torch_pipelining`: the same stages run by ``torch.distributed.pipelining``;
 - :mod:`.bubble`: the idle fraction measured on a fixed workload;
 - :mod:`.serve`: the LM on a TP x PP x DP mesh (``generate_on_mesh``).
 """
 
+from .inflight import decode_in_flight
 from .p2p import TensorReceiver, recv_tensor, send_tensor, wait_all
 from .partition import microbatch_sizes, partition_layers, split_microbatches
 from .runtime import PipelineInference, execute, idle_fraction
@@ -19,7 +21,8 @@ from .schedule import Action, Schedule, Slot, bubble_formula, gpipe, make_schedu
 from .stage import PipelineStageModule, StageAdapter, build_stage, stage_adapter
 
 __all__ = [
-    "Action", "PipelineInference", "TensorReceiver", "PipelineStageModule", "Schedule", "StageAdapter", "Slot", "bubble_formula",
-    "build_stage", "execute", "stage_adapter", "generate_on_mesh", "gpipe", "idle_fraction", "make_schedule", "microbatch_sizes",
+    "Action", "PipelineInference", "TensorReceiver", "PipelineStageModule", "Schedule", "StageAdapter", "Slot",
+    "bubble_formula", "build_stage", "decode_in_flight", "execute", "generate_on_mesh", "gpipe", "idle_fraction",
+    "make_schedule", "microbatch_sizes", "stage_adapter",
     "one_f_one_b", "partition_layers", "recv_tensor", "send_tensor", "split_microbatches", "wait_all",
 ]

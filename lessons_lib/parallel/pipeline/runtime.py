@@ -11,7 +11,9 @@ fraction can be measured, not just computed.
 whole prompt, then one token per step with each stage keeping the KV cache of *its own*
 layers, one cache per micro-batch. After each step the last stage broadcasts the new
 tokens to the other stages of its pipeline, because the first stage needs them as the
-next input and every stage needs the grown padding mask.
+next input and every stage needs the grown padding mask. So by default the pipeline **drains
+after every token**; ``generate(..., in_flight=True)`` keeps the micro-batches in flight across
+tokens instead, as a serving engine does (:mod:`.inflight`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ...comm.collectives import check_inputs
 from ...model.generate import check_context_length, decode_loop, last_token_logits
 from ...model.kv_cache import KVCache
 from ...validate import bad, check_choice, check_int
+from .inflight import decode_in_flight
 from .p2p import TensorReceiver, send_tensor, wait_all
 from .partition import microbatch_sizes
 from .schedule import SCHEDULES, Action, Schedule, make_schedule
@@ -104,6 +107,7 @@ class PipelineInference:
         self.stage, self.mesh = stage, mesh
         self.n_microbatches, self.schedule_name = n_microbatches, schedule
         self.records: list = []     # (action, start, end) of this stage in the latest pass
+        self.generate_records: list = []   # every busy interval of the latest generate call
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, caches: list | None):
         m = self.n_microbatches
@@ -151,19 +155,37 @@ class PipelineInference:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache; returns (batch, prompt + new) ids on every stage."""
+                 attention_mask: torch.Tensor | None = None, *, in_flight: bool = False) -> torch.Tensor:
+        """Greedy decoding with the KV cache; returns (batch, prompt + new) ids on every stage.
+
+        By default each token is one whole schedule (fill, steady state, drain) followed by a
+        broadcast of the new tokens: the bubble is paid on every token. ``in_flight=True`` keeps
+        the micro-batches in flight across tokens (:func:`.inflight.decode_in_flight`): the
+        pipeline fills once. The tokens are the same. ``generate_records`` then holds every busy
+        interval of the call as ``((step, micro-batch), start, end)``, to measure either loop.
+        """
         mask = self._check_batch("PipelineInference.generate", input_ids, attention_mask,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, in_flight=in_flight)
         check_int("max_new_tokens", max_new_tokens, low=0)
+        if not isinstance(in_flight, bool):
+            raise bad("in_flight", in_flight, "True (micro-batches in flight across tokens) or False "
+                      "(the pipeline drains after every token)")
         batch = input_ids.shape[0]
         microbatch_sizes(batch, self.n_microbatches)        # fail early, on every rank alike
         check_context_length(self.stage.max_seq_len, mask, max_new_tokens)
+        self.generate_records = []
+        if in_flight:
+            return decode_in_flight(self.stage, self.mesh, input_ids, max_new_tokens, mask,
+                                    self.n_microbatches, self.generate_records)
         caches = [KVCache() for _ in range(self.n_microbatches)]
         last_rank = self.mesh.ranks("pp")[-1]
+        steps = iter(range(max_new_tokens))
 
         def forward_last(step_ids, step_mask):
             outs = self._run(step_ids, step_mask, caches)
+            step = next(steps)
+            self.generate_records += [((step, action.microbatch), start, end)
+                                      for action, start, end in self.records]
             return None if outs is None else last_token_logits(torch.cat(outs), step_mask)
 
         def pick(last_logits):
