@@ -12,11 +12,11 @@ target forward, and the output is what the target alone would produce.
 * sampling: accept proposal ``x`` with probability ``min(1, p(x) / q(x))`` (``p`` the target's
   distribution, ``q`` the draft's); on a rejection draw from ``max(0, p - q)`` renormalised.
   Every kept token is then distributed exactly as the target's (Leviathan et al., ICML 2023,
-  https://arxiv.org/abs/2211.17192, section 2.3; Chen et al. 2023,
-  https://arxiv.org/abs/2302.01318, Theorem 1).
+  https://arxiv.org/abs/2211.17192; Chen et al. 2023,
+  https://arxiv.org/abs/2302.01318).
 
 Both models keep a KV cache; after each verification both are truncated to the tokens kept.
-Batch size 1, as in the papers' latency setting.
+Batch size 1 only.
 """
 
 from __future__ import annotations
