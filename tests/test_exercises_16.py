@@ -25,19 +25,20 @@ def solution(name):
 # -- 16.tokens_per_forward (predict) ---------------------------------------------------------------
 def predicted_with_library():
     from lessons_lib.speculative import expected_tokens_per_forward
-    return expected_tokens_per_forward(0.7, 3)
+    return expected_tokens_per_forward(0.8, 3)
 
 
 @pytest.mark.parametrize("guess, fragments", [
-    (4, ["k + 1 = 4", "first rejection ends the round"]),
-    (1 / 0.3, ["1 / (1 - alpha)", "k + 1 terms"]),
-    (3.1, ["1 + k alpha", "alpha^i, not alpha"]),
-    (2.1, ["k alpha", "one token of its own"]),
-    (1 + 0.7 + 0.49, ["one term short", "bonus"]),
-    (0.7 + 0.49 + 0.343, ["accepted proposals only", "add 1"]),
-    (1 - 0.7 ** 4, ["numerator alone"]),
+    ((1 - 0.6 ** 4) / 0.4, ["alpha = 0.6 at every position", "later ones with 0.9"]),
+    ((1 - 0.9 ** 4) / 0.1, ["alpha = 0.9 at every position", "every later one needs it accepted"]),
+    ((1 - 0.8 ** 4) / 0.2, ["mean acceptance 0.8", "a1 a2 ... ai"]),
+    (3.4, ["as if each proposal were kept on its own", "multiply"]),
+    (1.626, ["accepted proposals only", "add 1"]),
+    (4, ["k + 1 = 4"]),
+    (2.14, ["one term short", "bonus"]),
+    (1 + 0.9 + 0.81 + 0.486, ["wrong order", "accepted with 0.6"]),
     (1, ["plain decoding"]),
-    (2.9, ["too high", "the measurement is 2.533 tokens", "alpha^i"]),
+    (2.8, ["too high", "the measurement is 2.626 tokens", "a product of their rates"]),
 ])
 def test_tokens_per_forward_wrong_predictions(guess, fragments):
     assert_hint("16.tokens_per_forward", lambda: guess, "you predicted", *fragments)
@@ -45,8 +46,8 @@ def test_tokens_per_forward_wrong_predictions(guess, fragments):
 
 def test_tokens_per_forward_verdicts():
     assert_correct("16.tokens_per_forward", solution("predicted_tokens_per_forward"))
-    assert_correct("16.tokens_per_forward", lambda: 2.533)
-    assert_hint("16.tokens_per_forward", lambda: "2.5", "return one number")
+    assert_correct("16.tokens_per_forward", lambda: 2.63)
+    assert_hint("16.tokens_per_forward", lambda: "2.6", "return one number")
     assert_not_attempted("16.tokens_per_forward", stub)
     assert_refused("16.tokens_per_forward", predicted_with_library, "expected_tokens_per_forward")
 

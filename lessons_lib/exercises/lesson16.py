@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import random
 
 import torch
 
@@ -15,9 +16,6 @@ from ..speculative import (CoinFlipDraft, expected_speedup, expected_tokens_per_
                            speculative_generate)
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
 
-# -- predict: tokens per target forward -----------------------------------------------------------
-ALPHA, K = 0.7, 3
-
 
 @functools.lru_cache(maxsize=1)
 def _models():
@@ -25,49 +23,82 @@ def _models():
     return load_tiny_lm()[0], load_student()
 
 
+# -- predict: tokens per target forward when the first proposal is the hardest ------------------
+# Acceptance of proposal 1, 2, 3 of a round (given the ones before it were accepted): the lesson
+# measured that the first proposal of a round is accepted least often.
+ALPHAS = (0.6, 0.9, 0.9)
+K = len(ALPHAS)
+
+
+def _expected(alphas) -> float:
+    """1 + a1 + a1 a2 + a1 a2 a3 + ...: proposal i is kept only if 1..i all are."""
+    total, reach = 1.0, 1.0
+    for a in alphas:
+        reach *= a
+        total += reach
+    return total
+
+
 def _tokens_mistakes() -> list[tuple[float, str]]:
-    a, k = ALPHA, K
+    a1, a = ALPHAS[0], ALPHAS[1]
+    mean = sum(ALPHAS) / K
     return [
-        (k + 1, f"That is k + 1 = {k + 1}: every proposal accepted. Each is accepted only with "
-                f"probability {a}, and the first rejection ends the round"),
-        (1 / (1 - a), "That is 1 / (1 - alpha), the limit for k without bound; the round stops after "
-                      f"k = {k} proposals, so the sum has only k + 1 terms"),
-        (1 + k * a, f"That is 1 + k alpha: it counts each of the {k} proposals as accepted with "
-                    "probability alpha on its own, but proposal i counts only if proposals 1..i-1 "
-                    "were accepted too: alpha^i, not alpha"),
-        (k * a, "That is k alpha: proposal i is kept only if all before it were (alpha^i), and the "
-                "target adds one token of its own every round"),
-        ((1 - a ** k) / (1 - a), "That is (1 - alpha^k) / (1 - alpha) = 1 + alpha + ... + alpha^(k-1): "
-                                 "one term short. With all k accepted the target still adds its bonus "
-                                 "token, so the sum runs to alpha^k"),
-        (a * (1 - a ** k) / (1 - a), "That counts the accepted proposals only (alpha + ... + alpha^k); "
-                                     "every round also emits one token of the target's own: add 1"),
-        (1 - a ** (k + 1), "That is the numerator alone; divide by 1 - alpha"),
+        (expected_tokens_per_forward(a1, K), f"That is the formula with alpha = {a1} at every position; "
+                                            f"only the first proposal is accepted with {a1}, the later ones "
+                                            f"with {a}"),
+        (expected_tokens_per_forward(a, K), f"That is the formula with alpha = {a} at every position; the "
+                                           f"first proposal is accepted only with {a1}, and every later one "
+                                           "needs it accepted too"),
+        (expected_tokens_per_forward(mean, K), f"That is the formula at the mean acceptance {mean:.2g}; "
+                                              "the formula assumes one alpha for every position, so with "
+                                              "different ones go back to its derivation: proposal i is "
+                                              "kept with probability a1 a2 ... ai"),
+        (1 + sum(ALPHAS), "That adds the acceptance rates as if each proposal were kept on its own; "
+                          "proposal i is kept only if proposals 1..i are all accepted: multiply"),
+        (_expected(ALPHAS) - 1, "That counts the accepted proposals only; every round also emits one "
+                                "token of the target's own: add 1"),
+        (K + 1, f"That is k + 1 = {K + 1}: every proposal accepted"),
+        (_expected(ALPHAS[:-1]), "That is one term short: with all k accepted the round still emits the "
+                                 "target's bonus token, so the sum runs to a1 a2 ... ak"),
+        (_expected(ALPHAS[::-1]), f"That takes the rates in the wrong order: the first proposal of a round "
+                                  f"is the one accepted with {a1}"),
         (1.0, "One token per forward is plain decoding; speculation adds the accepted proposals"),
-        (expected_speedup(a, k, 0.5), "That is a speed-up with a draft cost; the question is tokens "
-                                      "per target forward, no timing involved"),
     ]
 
 
-@exercise("16.tokens_per_forward", "predict: tokens one target forward yields for alpha and k")
+@exercise("16.tokens_per_forward", "predict: tokens per target forward when acceptance varies by position")
 def check_tokens_per_forward(candidate):
     refuse_reference(candidate, expected_tokens_per_forward, expected_speedup, speculative_generate)
     guess = predicted_number(candidate, "predicted_tokens_per_forward")
-    judge_prediction(guess, expected_tokens_per_forward(ALPHA, K), _tokens_mistakes(), "tokens",
-                     "Add up what a round emits: proposal i is kept with probability alpha^i (every one "
-                     "before it accepted too), i = 1..k, and the target always adds one token.")
-    return (f"{expected_tokens_per_forward(ALPHA, K):.4g} tokens per target forward for alpha={ALPHA}, "
-            f"k={K}; the next cell measures it")
+    judge_prediction(guess, _expected(ALPHAS), _tokens_mistakes(), "tokens",
+                     "Add up what a round emits: proposal i is kept only if proposals 1..i are all "
+                     "accepted (a product of their rates), and the target always adds one token.")
+    return (f"{_expected(ALPHAS):.4g} tokens per target forward for acceptance {list(ALPHAS)} by position; "
+            "the next cell measures it")
 
 
-def measure_tokens_per_forward(prompts, new_tokens: int = 200) -> tuple[float, int]:
-    """Tokens per target forward over the full rounds of real verification, with a draft right with
-    probability ALPHA at each proposal (seeded): (mean, rounds)."""
+def measure_tokens_per_forward(prompts, new_tokens: int = 200, seed: int = 0) -> tuple[float, int]:
+    """Tokens per target forward over the full rounds of the tiny LM's real verification, with a
+    draft that always proposes the target's token and a verdict that accepts proposal i with
+    probability ALPHAS[i] (seeded). The output is unchanged: a correct proposal "rejected" is
+    replaced by the target's identical pick, so only the count per forward moves."""
     target, _ = _models()
+    rng = random.Random(seed)
+
+    def verify(proposal, logits):
+        choices = logits.argmax(dim=-1).tolist()
+        m = 0
+        while m < len(proposal) and proposal[m] == choices[m] and rng.random() < ALPHAS[m]:
+            m += 1
+        return m, choices[m]
+
     full = []
-    for i, prompt in enumerate(prompts):
-        draft = CoinFlipDraft(target, prompt, new_tokens, ALPHA, seed=i)
-        _, stats = speculative_generate(target, draft, prompt, new_tokens, num_speculative_tokens=K)
+    for prompt in prompts:
+        draft = CoinFlipDraft(target, prompt, new_tokens, 1.0)
+        ids, stats = speculative_generate(target, draft, prompt, new_tokens, num_speculative_tokens=K,
+                                          verify=verify)
+        if not torch.equal(ids, draft.truth_ids()):
+            raise RuntimeError("the measurement changed the output")
         full += stats.full_rounds()
     return sum(a + 1 for _, a in full) / len(full), len(full)
 

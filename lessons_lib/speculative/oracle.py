@@ -38,6 +38,10 @@ class CoinFlipDraft:
         self.truth = generate(target, torch.tensor([prompt]), max_new_tokens)[0].tolist()
         self.rng = random.Random(seed)
 
+    def truth_ids(self) -> torch.Tensor:
+        """The target's own greedy output (1, prompt + new), which speculative decoding must match."""
+        return torch.tensor([self.truth])
+
     def new_cache(self) -> _PositionCache:
         return _PositionCache()
 
