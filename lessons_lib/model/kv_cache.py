@@ -46,6 +46,20 @@ class LayerKVCache:
             self.v = torch.cat([self.v, v], dim=2)
         return self.k, self.v
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` positions and drop the rest (roll back tokens that were rejected).
+
+        Speculative decoding feeds tokens that may be thrown away: after a verification the
+        cache must forget every position past the tokens kept, or the next step attends to them.
+        """
+        check_int("n", n, low=0, high=self.seq_len,
+                  why=f"a layer holding {self.seq_len} positions can keep 0 to {self.seq_len} of them")
+        if n == 0:
+            self.k = self.v = None
+        elif n < self.seq_len:
+            # A view: the next update's torch.cat copies what is kept into a new tensor.
+            self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+
     def nbytes(self) -> int:
         if self.k is None:
             return 0
@@ -88,6 +102,25 @@ class KVCache:
             if layer.k is not None:
                 return layer.seq_len
         return 0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` cached positions of every layer; drop the rest.
+
+        ``n`` counts tokens, from 0 (empty) to :attr:`seq_len` (nothing dropped). Hugging Face's
+        ``DynamicCache.crop(n)`` does the same; a paged cache instead frees the blocks past ``n``.
+        Every layer that holds positions must hold the same number (a cache filled by one model
+        forward does), so a half-updated cache is refused rather than cut unevenly.
+        """
+        lengths = {layer.seq_len for layer in self.layers if layer.k is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"the layers hold different numbers of positions {sorted(lengths)}: "
+                             "truncate a cache only between forward passes")
+        held = lengths.pop() if lengths else 0
+        check_int("n", n, low=0, high=held,
+                  why=f"the cache holds {held} positions; keep 0 to {held} of them")
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.truncate(n)
 
     def nbytes(self) -> int:
         """Bytes held by every cached key and value tensor."""
