@@ -38,6 +38,7 @@ LESSONS = (
     Lesson("14", "capstone", "example", "The seed's full example fixed; the tiny LM on a TP x PP x DP mesh"),
     Lesson("15", "serving_engine", "beyond Q6/Q10",
            "Continuous batching, paged KV, chunked prefill, preemption, prefix caching"),
+    Lesson("17", "disaggregation", "beyond Q4/Q6", "Prefill/decode disaggregation: KV shipped, interference, goodput"),
 )
 
 
