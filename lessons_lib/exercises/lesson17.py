@@ -156,7 +156,8 @@ def _judge_pack(codec, what, table, num_tokens) -> torch.Tensor:
     got = codec.pack([k.clone() for k in pool.k], [v.clone() for v in pool.v], list(table), num_tokens)
     expected = _reference_payload(pool, table, num_tokens)
     if not isinstance(got, torch.Tensor):
-        raise Incorrect(f"{story}: returned {type(got).__name__}; return one tensor (2, layers, tokens, kv_heads, head_dim)")
+        raise Incorrect(f"{story}: returned {type(got).__name__}; return one tensor "
+                        "(2, layers, tokens, kv_heads, head_dim)")
     if tuple(got.shape) == tuple(expected.shape) and torch.equal(got, expected):
         return expected
     for mistake, variant in _pack_variants(pool, table, num_tokens).items():
@@ -178,6 +179,11 @@ UNPACK_MISTAKES = {
 }
 
 
+def _same_pools(a: KVBlockPool, b: KVBlockPool) -> bool:
+    """Equal contents, slots never written (NaN) included."""
+    return all(torch.equal(x.nan_to_num(7.5), y.nan_to_num(7.5)) for x, y in zip(a.k + a.v, b.k + b.v))
+
+
 def _judge_unpack(codec, what, table, num_tokens) -> None:
     sender = _pool()
     payload = _reference_payload(sender, [9, 0, 4][:blocks_needed(num_tokens, 4)], num_tokens)
@@ -186,8 +192,7 @@ def _judge_unpack(codec, what, table, num_tokens) -> None:
     codec.unpack(payload.clone(), pool.k, pool.v, list(table))
     expected = _pool(fill=float("nan"))
     unpack_kv(payload, expected, table)
-    same = all(torch.equal(a.nan_to_num(7.5), b.nan_to_num(7.5)) for a, b in zip(pool.k + pool.v, expected.k + expected.v))
-    if same:
+    if _same_pools(pool, expected):
         return
     for mistake in UNPACK_MISTAKES:
         variant = _pool(fill=float("nan"))
@@ -201,10 +206,11 @@ def _judge_unpack(codec, what, table, num_tokens) -> None:
             unpack_kv(payload[:, :, :full], variant, table)
         else:
             unpack_kv(torch.stack([payload[1], payload[0]]), variant, table)
-        if all(torch.equal(a.nan_to_num(7.5), b.nan_to_num(7.5)) for a, b in zip(pool.k + pool.v, variant.k + variant.v)):
+        if _same_pools(pool, variant):
             raise Incorrect(f"{story}: {UNPACK_MISTAKES[mistake]}")
     for layer in range(len(pool.k)):
-        for name, got_t, exp_t in (("key", pool.k[layer], expected.k[layer]), ("value", pool.v[layer], expected.v[layer])):
+        for name, got_t, exp_t in (("key", pool.k[layer], expected.k[layer]),
+                                   ("value", pool.v[layer], expected.v[layer])):
             diff = (got_t.nan_to_num(7.5) != exp_t.nan_to_num(7.5)).nonzero()
             if len(diff):
                 b, o = diff[0][:2].tolist()
