@@ -39,6 +39,7 @@ LESSONS = (
     Lesson("15", "serving_engine", "beyond Q6/Q10",
            "Continuous batching, paged KV, chunked prefill, preemption, prefix caching"),
     Lesson("16", "speculative_decoding", "beyond", "Speculative decoding: a draft proposes, the target verifies"),
+    Lesson("17", "disaggregation", "beyond Q4/Q6", "Prefill/decode disaggregation: KV shipped, interference, goodput"),
 )
 
 
