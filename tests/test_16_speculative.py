@@ -16,7 +16,7 @@ from lessons_lib.model import KVCache, ModelConfig, TinyLM, generate, load_tiny_
 from lessons_lib.speculative import (SpeculativeStats, check_draft_compatible, chi_square,
                                      expected_speedup, expected_tokens_per_forward, greedy_verify,
                                      rejection_verify, speculative_generate)
-from lessons_lib.speculative.viz import draw_round, round_cells, round_summary, round_widget
+from lessons_lib.viz.speculative import draw_round, round_cells, round_summary, round_widget
 from lessons_lib.tokenizer import ByteTokenizer
 from lessons_lib.validate import BadArgument
 

@@ -93,7 +93,7 @@ def round_widget(trace: list[dict], decode=None):
     """
     import ipywidgets as widgets
 
-    from ..viz import redraw as redraw_output
+    from . import redraw as redraw_output
 
     if not isinstance(trace, list) or not trace:
         raise bad("trace", trace, "the non-empty list speculative_generate(trace=[]) fills")
