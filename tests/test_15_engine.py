@@ -217,3 +217,17 @@ def test_prefix_cache_evicts_a_prefix_from_its_tail():
     assert evicted == table[-1]
     blocks, n = cache.match(tokens)
     assert blocks == table[:3] and n == 6
+
+
+def test_a_prefilled_request_is_refused_by_name_and_takes_nothing(model):
+    engine = LLMEngine(model, block_size=4, num_blocks=4, max_num_seqs=2)
+    engine.add_request("big", list(range(1, 13)), SamplingParams(max_tokens=4))   # 3 of 4 blocks
+    engine.step()
+    with pytest.raises(BadArgument, match="max_tokens >= 2"):
+        engine.add_prefilled_request("p", [1, 2], SamplingParams(max_tokens=1), 5, lambda pool, table: None)
+    with pytest.raises(BadArgument, match="fits the free blocks"):
+        engine.add_prefilled_request("p", list(range(1, 9)), SamplingParams(max_tokens=3), 5,
+                                     lambda pool, table: None)
+    assert set(engine.requests) == {"big"} and engine.block_manager.num_free_blocks == 1
+    engine.abort_request("big")
+    _all_free(engine)

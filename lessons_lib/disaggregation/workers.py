@@ -18,7 +18,6 @@ import torch
 
 from ..caching.paged_kv import KVBlockPool, blocks_needed
 from ..engine import LLMEngine, SamplingParams, execute_model
-from ..engine.request import RequestStatus
 from ..model.generate import sample_next_token
 from ..serving.fingerprint import state_fingerprint
 from ..validate import bad, check_int, check_str, check_token_ids
@@ -107,27 +106,12 @@ class DecodeWorker:
         if transfer.max_tokens < 2:
             raise bad("transfer", f"request {transfer.request_id!r} with max_tokens={transfer.max_tokens}",
                       "max_tokens >= 2", "its one token came from the prefill worker: nothing is left to decode")
-        engine, prompt = self.engine, transfer.prompt_token_ids
-        # add_request does every check a prompt gets (ids, context length, pool size) and queues it;
-        # the request then skips the queue: its prompt is computed already.
-        engine.add_request(transfer.request_id, prompt, SamplingParams(max_tokens=transfer.max_tokens))
-        request = engine.requests[transfer.request_id]
-        engine.scheduler.waiting.remove(request)
-        if not engine.block_manager.allocate_slots(request, len(prompt)):
-            del engine.requests[transfer.request_id]
-            raise bad("transfer", f"request {transfer.request_id!r} of {len(prompt)} tokens",
-                      f"a request that fits the free blocks ({engine.block_manager.num_free_blocks} of "
-                      f"{engine.num_blocks} free)", "accept it once running requests finish")
-        unpack_kv(transfer.payload, engine.pool, engine.block_manager.block_tables[request.request_id])
-        request.num_computed_tokens = len(prompt)
-        request.num_cached_tokens = 0
-        request.output_token_ids.append(transfer.first_token)
-        now = engine.clock()
-        request.metrics.first_scheduled_time = request.metrics.first_token_time = now
-        request.metrics.token_times.append(now)
-        request.status = RequestStatus.RUNNING
-        engine.scheduler.running.append(request)
-        engine.block_manager.cache_full_blocks(request)
+        prompt = transfer.prompt_token_ids
+        # The engine checks the prompt as add_request does, and refuses it (nothing taken) if it
+        # does not fit; the request then starts decoding at once: its prompt is computed already.
+        self.engine.add_prefilled_request(
+            transfer.request_id, prompt, SamplingParams(max_tokens=transfer.max_tokens), transfer.first_token,
+            lambda pool, block_table: unpack_kv(transfer.payload, pool, block_table))
         self.num_installed_tokens += len(prompt)
 
     def step(self):

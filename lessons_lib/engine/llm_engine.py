@@ -147,6 +147,48 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add(request)
 
+    def add_prefilled_request(self, request_id: str, prompt_token_ids, sampling_params: SamplingParams,
+                              first_token: int, install_kv) -> None:
+        """Admit a request whose prompt was prefilled elsewhere: it joins the running requests at once.
+
+        Prefill/decode disaggregation (lesson 17): another worker computed the prompt's keys and
+        values and its first token. ``install_kv(pool, block_table)`` writes those keys and values
+        into the blocks this engine gives the request. Everything ``add_request`` checks is checked;
+        a request the free blocks cannot hold is refused with nothing taken. ``max_num_seqs`` bounds
+        what the scheduler admits from the queue; a prefilled request brings its KV and runs at once.
+        """
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams) or params.max_tokens < 2:
+            raise bad("sampling_params", sampling_params, "a SamplingParams with max_tokens >= 2",
+                      "its first token came with the prefill: at least one is left to decode")
+        check_int("first_token", first_token, low=0, high=self.config.vocab_size - 1)
+        if not callable(install_kv):
+            raise bad("install_kv", install_kv, "a function (pool, block_table) that writes the prompt's KV")
+        self.add_request(request_id, prompt_token_ids, params)
+        request = self.requests[request_id]
+        self.scheduler.waiting.remove(request)
+        n = len(request.prompt_token_ids)
+        if not self.block_manager.allocate_slots(request, n):
+            del self.requests[request_id]
+            raise bad("prompt_token_ids", f"a prefilled request of {n} tokens",
+                      f"a request that fits the free blocks ({self.block_manager.num_free_blocks} of "
+                      f"{self.num_blocks} free)", "accept it once running requests finish")
+        try:
+            install_kv(self.pool, self.block_manager.block_table(request_id))
+        except BaseException:
+            self.block_manager.free(request)
+            del self.requests[request_id]
+            raise
+        request.num_computed_tokens = n
+        request.num_cached_tokens = 0
+        request.output_token_ids.append(first_token)
+        now = self.clock()
+        request.metrics.first_scheduled_time = request.metrics.first_token_time = now
+        request.metrics.token_times.append(now)
+        request.status = RequestStatus.RUNNING
+        self.scheduler.running.append(request)
+        self.block_manager.cache_full_blocks(request)
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""
         if request_id not in self.requests:
