@@ -62,7 +62,7 @@ nbgrader-source: $(STAMP)
 	$(BIN)/python -m lessons_lib.grade.nbgrader "$(COURSE)" "$(ASSIGNMENT)" $(LESSONS)
 
 benchmarks: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/[!_]*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

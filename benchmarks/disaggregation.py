@@ -30,6 +30,7 @@ from lessons_lib.engine import LLMEngine, SamplingParams
 from lessons_lib.launch import run_distributed
 from lessons_lib.model import load_tiny_lm
 from lessons_lib.throughput import H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S, critical_batch
+from _ratios import print_ratios
 
 ROUNDS = 3
 STREAMS, STREAM_PROMPT, STREAM_TOKENS = 8, 16, 96
@@ -160,11 +161,7 @@ def main() -> None:
     rows.append((f"KV bytes sent / formula ({len(longs)} prompts of {LONG_PROMPT}; exact: {sum(sent) == formula})",
                  f"{formula}", f"{sum(sent)}", sum(sent) / formula))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement':<{width}}  {'baseline':>9}  {'disagg.':>9}  {'ratio':>6}")
-    for name, a, b, ratio in rows:
-        print(f"{name:<{width}}  {a:>9}  {b:>9}  {ratio:>5.2f}x")
-    print(f"(torch {torch.__version__}, 1 thread per process, wall clock best of {ROUNDS} rounds)")
+    print_ratios(rows, "disagg.", f"(torch {torch.__version__}, 1 thread per process, wall clock best of {ROUNDS} rounds)")
 
 
 if __name__ == "__main__":

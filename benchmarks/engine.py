@@ -28,6 +28,7 @@ import torch
 
 from lessons_lib.engine import LLMEngine, SamplingParams
 from lessons_lib.model import generate, load_tiny_lm
+from _ratios import print_ratios
 
 ROUNDS = 3
 
@@ -159,11 +160,7 @@ def main() -> None:
     rows.append(("p99 inter-token latency (ms), unchunked / chunked prefill", f"{p99_plain * 1e3:.1f}",
                  f"{p99_chunked * 1e3:.1f}", p99_plain / p99_chunked))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement':<{width}}  {'baseline':>9}  {'engine':>9}  {'ratio':>6}")
-    for name, a, b, ratio in rows:
-        print(f"{name:<{width}}  {a:>9}  {b:>9}  {ratio:>5.2f}x")
-    print(f"(torch {torch.__version__}, 1 thread, best of {ROUNDS} alternating rounds)")
+    print_ratios(rows, "engine", f"(torch {torch.__version__}, 1 thread, best of {ROUNDS} alternating rounds)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from lessons_lib.compression import heldout_ids, load_student, new_student
 from lessons_lib.model import generate, load_tiny_lm
 from lessons_lib.speculative import (CoinFlipDraft, SpeculativeStats, expected_tokens_per_forward,
                                      speculative_generate)
+from _ratios import print_ratios
 
 ROUNDS = 3
 K = 4
@@ -102,12 +103,8 @@ def main() -> None:
     rows.append((f"tokens/s, speculative (random draft, k={K}) / plain", f"{tokens / t_plain:.0f}",
                  f"{tokens / t_weak:.0f}", t_plain / t_weak))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement':<{width}}  {'baseline':>9}  {'spec':>9}  {'ratio':>6}")
-    for name, a, b, ratio in rows:
-        print(f"{name:<{width}}  {a:>9}  {b:>9}  {ratio:>5.3f}x")
-    print(f"(torch {torch.__version__}, 1 thread, batch size 1, {len(ps)} prompts x {NEW_TOKENS} tokens, "
-          f"best of {ROUNDS} alternating rounds)")
+    print_ratios(rows, "spec", f"(torch {torch.__version__}, 1 thread, batch size 1, {len(ps)} prompts x "
+                 f"{NEW_TOKENS} tokens, best of {ROUNDS} alternating rounds)", ratio_digits=3)
 
 
 if __name__ == "__main__":
