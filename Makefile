@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+# Every notebook's kernelspec names this kernel (scripts/execute_notebooks.py keeps it so); it is
+# registered inside .venv, so it always runs the course's Python. Tests never need it: nbval runs
+# the current environment (--nbval-current-env) and the browser test registers its own copy.
 KERNEL := distributed-inference
+KERNEL_DISPLAY := Python (distributed inference course)
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
@@ -18,8 +22,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lab: $(STAMP)
-	$(BIN)/python -m ipykernel install --user --name $(KERNEL) \
-	    --display-name "Python (distributed inference course)" >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) \
+	    --display-name "$(KERNEL_DISPLAY)" >/dev/null
 	@echo "Starting JupyterLab on $(CURDIR); open the URL it prints (http://127.0.0.1:...)."
 	$(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 \
 	    --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG)
