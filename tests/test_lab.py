@@ -173,3 +173,53 @@ def test_pipeline_block_labels_fit_their_blocks_at_m16(mode):
         assert t.get_window_extent(renderer).width <= unit, f"{t.get_text()!r} is wider than its block"
     w = PipelineBubbleWidget()
     assert w.microbatches.style.description_width == "initial"
+
+
+# -- make lab's set-up: kernel, settings, trusted notebooks; idempotent -------------------------
+def _fake_venv(tmp_path) -> Path:
+    """A VENV for the Makefile whose python and jupyter are this interpreter's (nothing installed)."""
+    import os
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, cmd in (("python", f'exec "{sys.executable}" "$@"'),
+                      ("jupyter", f'exec "{sys.executable}" -m jupyter "$@"')):
+        script = venv / "bin" / name
+        script.write_text(f"#!/bin/sh\n{cmd}\n")
+        script.chmod(0o755)
+    stamp = venv / ".installed"
+    stamp.touch()
+    later = (ROOT / "pyproject.toml").stat().st_mtime + 1
+    os.utime(stamp, (later, later))
+    return venv
+
+
+def test_make_lab_setup_registers_the_kernel_ships_settings_and_trusts_notebooks(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from nbformat.sign import NotebookNotary
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv, data = _fake_venv(tmp_path), tmp_path / "data"
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(data))
+    snapshots = []
+    for _ in range(2):   # the second run must succeed and change nothing
+        subprocess.run(["make", "-s", "-C", str(ROOT), "lab-setup", f"VENV={venv}"], env=env, check=True,
+                       timeout=120, capture_output=True)
+        snapshots.append({p.relative_to(venv): p.read_bytes() for p in venv.rglob("*") if p.is_file()})
+    assert snapshots[0] == snapshots[1]
+    kernel = json.loads((venv / "share/jupyter/kernels/distributed-inference/kernel.json").read_text())
+    assert kernel["display_name"] == _makefile_var("KERNEL_DISPLAY")
+    settings = json.loads((venv / "share/jupyter/lab/settings/overrides.json").read_text())
+    assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert settings["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True
+    notary = NotebookNotary(data_dir=str(data))
+    for path in NOTEBOOKS:
+        assert notary.check_signature(nbformat.read(path, as_version=4)), f"{path.name} is not trusted"
+    assert _makefile_var("FIRST_PAGE") == "/lab/tree/notebooks/00_welcome.ipynb"
+    assert (ROOT / "notebooks" / "00_welcome.ipynb").exists()
