@@ -85,31 +85,39 @@ def ring_widget(p: int = 4, kind: str = "all_reduce"):
     """Sliders for ``p`` and the step; the figure redraws from :func:`ring_frame`.
 
     The returned box has ``.p_slider``, ``.step_slider`` and ``.frame`` (the data last
-    drawn), so tests can move a slider and check the picture changed. The step slider's
-    maximum follows ``p`` (set before the frame is drawn, so the keys Home/End reach it).
+    drawn), so tests can move a slider and check the picture changed. When ``p`` changes,
+    ``.step_slider`` is a new slider whose maximum is the new number of steps.
     """
     import ipywidgets as widgets
 
     from .static import FallbackBox, figure_of
 
     p_slider = widgets.IntSlider(value=p, min=2, max=8, description="ranks p")
-    step_slider = widgets.IntSlider(value=0, min=0, max=len(ring_schedule(p, kind)), description="step")
     out = widgets.Output()
-    box = FallbackBox([p_slider, step_slider, out], title="ring all-reduce, step by step",
+    box = FallbackBox([], title="ring all-reduce, step by step",
                       picture=lambda: figure_of(lambda ax: draw_ring(box.frame, ax), ring_figsize(box.frame["p"])),
                       text=lambda: f"p={box.frame['p']}, step {box.frame['step']}/{box.frame['n_steps']}")
-    box.p_slider, box.step_slider = p_slider, step_slider
+    box.p_slider = p_slider
+
+    def new_step_slider(value: int):
+        # A fresh slider for each p: JupyterLab's slider keeps the keys Home/End on the range it
+        # was drawn with, so only a new one lets End reach the last step of a larger ring.
+        slider = widgets.IntSlider(value=value, min=0, max=len(ring_schedule(p_slider.value, kind)),
+                                   description="step")
+        slider.observe(redraw, names="value")
+        box.step_slider = slider
+        box.children = [p_slider, slider, out]
 
     def redraw(_=None):
         n_steps = len(ring_schedule(p_slider.value, kind))
-        if step_slider.max != n_steps:
-            # Clamp the value first, so that lowering the maximum never leaves it out of range.
-            step_slider.value = min(step_slider.value, n_steps)
-            step_slider.max = n_steps
-        box.frame = ring_frame(p_slider.value, step_slider.value, kind)
+        if box.step_slider.max != n_steps:
+            box.step_slider.unobserve(redraw, names="value")
+            new_step_slider(min(box.step_slider.value, n_steps))
+        box.frame = ring_frame(p_slider.value, box.step_slider.value, kind)
         redraw_output(out, lambda ax: draw_ring(box.frame, ax), figsize=ring_figsize(p_slider.value))
 
     p_slider.observe(redraw, names="value")
-    step_slider.observe(redraw, names="value")
+    box.step_slider = None
+    new_step_slider(0)
     redraw()
     return box
