@@ -24,14 +24,15 @@ def memory_report(model: str, dtype: str, batch: int, context: int, devices: int
     per_device = memory_per_device(REFERENCE_SHAPES[model], dtype=dtype, batch=batch, context=context,
                                    devices=devices, strategy=strategy)
     gib = {part: per_device[part] / GiB for part in (*PARTS, "total")}
-    return {"model": model, "strategy": strategy, "devices": devices, "device_gib": device_gib,
-            "gib": gib, "headroom": headroom, "fits": fits(per_device, device_gib, headroom=headroom)}
+    return {"model": model, "dtype": dtype, "strategy": strategy, "devices": devices,
+            "device_gib": device_gib, "gib": gib, "headroom": headroom,
+            "fits": fits(per_device, device_gib, headroom=headroom)}
 
 
 def draw_memory(report: dict, ax=None):
     """A stacked bar of one device's memory against its capacity less the report's headroom.
 
-    The legend sits below the axes, never on the bars.
+    The legend sits right of the axes, never on the bars.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 2.6))
@@ -43,13 +44,14 @@ def draw_memory(report: dict, ax=None):
     ax.axvline(report["device_gib"] * usable, color="black", linestyle="--",
                label=f"usable ({usable:.0%}: {report['headroom']:.0%} headroom)")
     verdict = "fits" if report["fits"] else "does NOT fit"
-    ax.set_title(f"{report['model']}, {report['strategy']} on {report['devices']} device(s): "
+    ax.set_title(f"{report['model']} in {report['dtype']}, {report['strategy']} on "
+                 f"{report['devices']} device(s): "
                  f"{report['gib']['total']:.1f} GiB per device, {verdict} in {report['device_gib']} GiB",
                  fontsize=9)
     ax.set_yticks([])
     ax.set_xlabel("GiB per device")
     ax.set_xlim(0, max(left, report["device_gib"]) * 1.05)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), fontsize=8, ncol=4, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return ax
 
 
