@@ -112,7 +112,9 @@ def test_every_saved_widget_has_its_state_and_a_static_picture(path):
                 continue
             assert view["model_id"] in state, f"cell {index}: widget state not saved (re-execute {path.name})"
             assert "VBox(" not in output["data"]["text/plain"], f"cell {index}: raw widget repr as its text"
-            assert "image/png" in output["data"], f"cell {index}: no static picture"
+            text_lines = output["data"]["text/plain"].strip().splitlines()
+            assert "image/png" in output["data"] or len(text_lines) > 1, \
+                f"cell {index}: no static picture nor text of what the widget shows"
 
 
 # -- widget fixes: controls that say what they do, labels that do not run together -------------
@@ -217,7 +219,7 @@ def test_make_lab_setup_registers_the_kernel_ships_settings_and_trusts_notebooks
     assert kernel["display_name"] == _makefile_var("KERNEL_DISPLAY")
     settings = json.loads((venv / "share/jupyter/lab/settings/overrides.json").read_text())
     assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
-    assert settings["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True
+    assert "@jupyter-widgets/jupyterlab-manager:plugin" not in settings   # see lab-settings/README.md
     notary = NotebookNotary(data_dir=str(data))
     for path in NOTEBOOKS:
         assert notary.check_signature(nbformat.read(path, as_version=4)), f"{path.name} is not trusted"
