@@ -196,7 +196,7 @@ class ShardingWidget:
         self.output.clear_output(wait=True)
         with self.output:
             if self.error:
-                print(f"cannot shard this way: {self.error}")
+                print(f"cannot shard {self.world_size.value} ranks with strategy={self.strategy.value!r}: {self.error}")
             else:
                 fig = draw_layout(self.layout)
                 display(fig)
