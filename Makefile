@@ -4,11 +4,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+# Every notebook's kernelspec names this kernel (scripts/execute_notebooks.py keeps it so); it is
+# registered inside .venv, so it always runs the course's Python. Tests never need it: nbval runs
+# the current environment (--nbval-current-env) and the browser test registers its own copy.
 KERNEL := distributed-inference
+KERNEL_DISPLAY := Python (distributed inference course)
+# JupyterLab's defaults for the course (lab-settings/README.md) and the page the printed URL opens.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+FIRST_PAGE := /lab/tree/notebooks/00_welcome.ipynb
+COURSE_NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb solutions/[0-9][0-9]_*.ipynb exercises/[0-9][0-9]_*.ipynb)
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
+.PHONY: lab lab-setup test test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,19 +25,27 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-lab: $(STAMP)
-	$(BIN)/python -m ipykernel install --user --name $(KERNEL) \
-	    --display-name "Python (distributed inference course)" >/dev/null
+# Everything `make lab` sets up before it starts JupyterLab; running it twice changes nothing.
+lab-setup: $(STAMP)
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name $(KERNEL) \
+	    --display-name "$(KERNEL_DISPLAY)" >/dev/null
+	mkdir -p $(LAB_SETTINGS)
+	cp lab-settings/overrides.json $(LAB_SETTINGS)/overrides.json
+	$(BIN)/jupyter trust $(COURSE_NOTEBOOKS) >/dev/null
+
+lab: lab-setup
 	@echo "Starting JupyterLab on $(CURDIR); open the URL it prints (http://127.0.0.1:...)."
 	$(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 \
-	    --ServerApp.root_dir=$(CURDIR) $(ROOT_FLAG)
+	    --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=$(FIRST_PAGE) $(ROOT_FLAG)
 
-# The browser test drives Debian's chromium (never a browser downloaded by playwright); as root we
-# install it, otherwise that one test skips and says why.
+# The browser test drives Debian's chromium (never a browser downloaded by playwright) and shows the
+# lessons' Chinese text in a CJK font; as root we install both, otherwise that one test skips and says why.
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
-	    echo "chromium is not installed: tests/test_browser.py will skip"; }
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	dpkg -s fonts-noto-cjk >/dev/null 2>&1 || missing="$$missing fonts-noto-cjk"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi; \
+	command -v chromium >/dev/null || echo "chromium is not installed: tests/test_browser.py will skip"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests notebooks solutions exercises $(PYTEST_NB)

@@ -138,6 +138,8 @@ def plot_timeline(timelines: list[dict], ax=None):
             y += 1
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("time since start (ms)")
-    ax.legend(loc="lower right", fontsize=8)
+    # Outside the axes, to the right: a legend inside would cover the bars it explains.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.invert_yaxis()
+    ax.figure.tight_layout()
     return ax

@@ -6,6 +6,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 from ..validate import bad, check_choice, check_int, check_real
@@ -14,8 +15,62 @@ from .errors import DistributedError
 from .pool import MAX_TIMEOUT_S, RankDiedWhileStarting, WorkerPool, caller_sys_path, startup_limit
 
 MAX_POOLS = 3   # warm pools kept at once (e.g. the 2-, 3- and 4-rank ones)
+# A warm pool unused this long is stopped, so a kernel left open does not hold its ranks forever.
+IDLE_ENV = "LESSONS_LIB_POOL_IDLE_S"
+DEFAULT_IDLE_S = 600.0
 _pools: "OrderedDict[tuple, WorkerPool]" = OrderedDict()
+_last_used: dict[tuple, float] = {}   # pool key -> time.monotonic() when its last call ended
 _lock = threading.Lock()
+_reaper: threading.Thread | None = None
+_wake = threading.Event()   # set after each call, so the reaper re-reads the timeout at once
+
+
+def idle_timeout() -> float:
+    """Seconds a warm pool may sit unused before it is stopped: ``$LESSONS_LIB_POOL_IDLE_S``
+    (default 600; ``0`` keeps pools until :func:`shutdown` or the interpreter exits)."""
+    raw = os.environ.get(IDLE_ENV, "")
+    if raw.strip() == "":
+        return DEFAULT_IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not value >= 0 or value == float("inf"):
+        raise bad(IDLE_ENV, raw, "a number of seconds >= 0",
+                  "how long warm ranks may sit unused; 0 keeps them until shutdown()")
+    return value
+
+
+def _reap_idle() -> None:
+    """Background thread: stop pools idle for longer than :func:`idle_timeout`; ends with the pools."""
+    global _reaper
+    while True:
+        limit = idle_timeout()
+        _wake.wait(min(30.0, limit / 4) if limit > 0 else 30.0)
+        _wake.clear()
+        # A call in progress holds the lock: its pool is not idle, so just try again later.
+        if not _lock.acquire(timeout=1.0):
+            continue
+        try:
+            limit = idle_timeout()
+            now = time.monotonic()
+            for key in [k for k in _pools if limit > 0 and now - _last_used.get(k, now) > limit]:
+                _pools.pop(key).close()
+                _last_used.pop(key, None)
+            if not _pools:
+                _reaper = None
+                return
+        finally:
+            _lock.release()
+
+
+def _watch_idle_pools() -> None:
+    """Start the reaper thread if pools exist and none is running (called with ``_lock`` held)."""
+    global _reaper
+    if _pools and (_reaper is None or not _reaper.is_alive()):
+        _reaper = threading.Thread(target=_reap_idle, name="lessons_lib-idle-pools", daemon=True)
+        _reaper.start()
+    _wake.set()
 
 
 def max_world_size() -> int:
@@ -60,7 +115,8 @@ def _pool_for(world_size: int, backend: str, timeout: float) -> WorkerPool:
         pool.close(kill=True)
         pool = None
     while len(_pools) >= MAX_POOLS:
-        _, oldest = _pools.popitem(last=False)
+        oldest_key, oldest = _pools.popitem(last=False)
+        _last_used.pop(oldest_key, None)
         oldest.close()
     if pool is None:
         try:
@@ -92,7 +148,9 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
     serialised by value. Each rank's printed output is shown afterwards, prefixed
     ``[rankN]``, rank by rank.
 
-    Ranks are kept warm between calls with the same ``world_size``; each call
+    Ranks are kept warm between calls with the same ``world_size`` (a pool unused for
+    :func:`idle_timeout` seconds, 600 unless ``$LESSONS_LIB_POOL_IDLE_S`` says otherwise, is
+    stopped; :func:`shutdown` stops every pool at once); each call
     starts in the caller's current directory and ``sys.path``, and what a call
     changes in the environment, torch's default dtype and device, grad mode and
     thread count is undone after it (imported modules and their globals persist).
@@ -106,6 +164,7 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
     ``KeyboardInterrupt`` (a kernel interrupt) stops every rank too.
     """
     world_size, timeout, backend = _validate(fn, world_size, timeout, backend)
+    idle_timeout()   # a bad $LESSONS_LIB_POOL_IDLE_S is reported now, not in the background
     try:
         payload = dumps((fn, args, kwargs))
     except Exception as exc:  # noqa: BLE001
@@ -125,6 +184,9 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
         if not pool.group_alive:  # fn tore the group down: start afresh next time
             _pools.pop((pool.world_size, pool.backend, pool.threads), None)
             pool.close()
+        else:
+            _last_used[(pool.world_size, pool.backend, pool.threads)] = time.monotonic()
+            _watch_idle_pools()
     _print_rank_output(outputs)
     results = []
     for rank, data in enumerate(raw):
@@ -138,11 +200,13 @@ def run_distributed(fn, world_size, *args, timeout=120.0, backend=None, **kwargs
 
 
 def shutdown() -> None:
-    """Stop every warm pool (also done when the interpreter exits)."""
+    """Stop every warm pool now (also done when the interpreter exits, and to each pool left
+    unused for :func:`idle_timeout` seconds)."""
     with _lock:
         while _pools:
             _, pool = _pools.popitem()
             pool.close()
+        _last_used.clear()
 
 
 atexit.register(shutdown)

@@ -220,16 +220,21 @@ def engine_widget(snapshots: list[dict], columns: int = 12):
 
     if not isinstance(snapshots, list) or not snapshots:
         raise bad("snapshots", snapshots, "the non-empty list record_run returns")
+    from .static import FallbackBox, figure_of
+
+    def figsize():
+        return (9, 1.6 + 0.7 * -(-len(box.snapshot["holders"]) // columns))
+
     slider = widgets.IntSlider(value=0, min=0, max=len(snapshots) - 1, description="step")
     out = widgets.Output()
-    box = widgets.VBox([slider, out])
+    box = FallbackBox([slider, out], title="serving engine, step by step",
+                      picture=lambda: figure_of(lambda ax: draw_engine_step(box.snapshot, ax, columns), figsize()),
+                      text=lambda: step_summary(box.snapshot))
     box.slider, box.snapshots = slider, snapshots
 
     def redraw(_=None):
         box.snapshot = snapshots[slider.value]
-        rows = -(-len(box.snapshot["holders"]) // columns)
-        redraw_output(out, lambda ax: draw_engine_step(box.snapshot, ax, columns),
-                      figsize=(9, 1.6 + 0.7 * rows))
+        redraw_output(out, lambda ax: draw_engine_step(box.snapshot, ax, columns), figsize=figsize())
 
     slider.observe(redraw, names="value")
     redraw()

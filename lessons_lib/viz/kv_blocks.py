@@ -112,8 +112,12 @@ def kv_blocks_widget(events: list[tuple] = EXAMPLE_EVENTS, num_blocks: int = 16,
 
     snapshots = block_timeline(events, num_blocks, block_size)
     slider = widgets.IntSlider(value=0, min=0, max=len(snapshots) - 1, description="event")
+    from .static import FallbackBox, figure_of
+
     out = widgets.Output()
-    box = widgets.VBox([slider, out])
+    box = FallbackBox([slider, out], title="paged KV blocks",
+                      picture=lambda: figure_of(lambda ax: draw_blocks(box.snapshot, ax), (8, 3.2)),
+                      text=lambda: f"step {box.snapshot['step']}: {box.snapshot['label']}")
     box.slider, box.snapshots = slider, snapshots
 
     def redraw(_=None):

@@ -53,6 +53,25 @@ def bubble_text(data: dict) -> str:
             f"most micro-batches' activations held by a stage: {max(data['peak_in_flight'])}")
 
 
+GANTT_AXES_WIDTH_IN = 7.0   # about the Gantt axes' width in the 11-inch figure
+
+
+def block_labels(makespan: float, n_microbatches: int) -> tuple[float, int]:
+    """``(font size in points, rotation)`` for the micro-batch numbers inside unit blocks.
+
+    A block is ``GANTT_AXES_WIDTH_IN / makespan`` inches wide. Its number (up to two digits)
+    is written across when that fits at 7 points or more, else turned upright (a row is far
+    taller than a block is wide), else left out (size 0): never smaller than 6 points.
+    """
+    digits = len(str(max(0, n_microbatches - 1)))
+    block_pt = 72 * GANTT_AXES_WIDTH_IN / max(makespan, 1)
+    across = min(8.0, block_pt / (0.65 * digits + 0.4))
+    if across >= 7:
+        return round(across, 1), 0
+    upright = min(8.0, block_pt / 1.3)
+    return (round(upright, 1), 90) if upright >= 6 else (0, 0)
+
+
 def draw_gantt(data: dict, max_microbatches: int = 16):
     """Left: the Gantt chart (stage 0 on top). Right: bubble fraction against m for this p.
 
@@ -60,15 +79,22 @@ def draw_gantt(data: dict, max_microbatches: int = 16):
     the caller's back; :func:`show_figure` displays it once, as a PNG.
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     p, m = data["n_stages"], data["n_microbatches"]
     fig = Figure(figsize=(11, 0.5 * p + 2.2))
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
+    size, rotation = block_labels(data["makespan"], m)
     for stage, start, dur, label, kind in data["bars"]:
         ax.barh(stage, dur, left=start, color=COLORS[kind], edgecolor="white")
-        if data["makespan"] <= 48:
-            ax.text(start + dur / 2, stage, label, ha="center", va="center", color="white", fontsize=8)
+        if size:
+            # The colour says F or B; the label is the micro-batch alone, so it fits its block.
+            ax.text(start + dur / 2, stage, label[1:] if len(label) > 1 else label, ha="center",
+                    va="center", color="white", fontsize=size, rotation=rotation)
+    fig.legend(handles=[Patch(color=c, label={"F": "forward", "B": "backward"}[k])
+                       for k, c in COLORS.items() if any(b[4] == k for b in data["bars"])],
+               loc="lower left", ncol=2, fontsize=8, frameon=False)   # in a strip below the axes
     ax.set_ylim(p - 0.5, -0.5)
     ax.set_xlim(0, data["makespan"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -84,7 +110,7 @@ def draw_gantt(data: dict, max_microbatches: int = 16):
     ax2.set_ylabel("idle fraction")
     ax2.set_title(f"bubble vs m, p={p}")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -111,17 +137,23 @@ class PipelineBubbleWidget:
                  mode: str = "GPipe, inference (forward only)") -> None:
         import ipywidgets as widgets
 
-        self.stages = widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p")
+        from .static import FallbackBox
+
+        # "initial": the description gets the width its text needs (the default cuts it).
+        label = {"style": {"description_width": "initial"}, "layout": widgets.Layout(width="360px")}
+        self.stages = widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p", **label)
         self.microbatches = widgets.IntSlider(value=n_microbatches, min=1, max=16,
-                                              description="micro-batches m")
+                                              description="micro-batches m", **label)
         self.schedule = widgets.Dropdown(options=list(MODES), value=mode, description="schedule",
                                          layout=widgets.Layout(width="420px"))
         self.bubble = widgets.HTML()
         self.output = widgets.Output()
         for w in (self.stages, self.microbatches, self.schedule):
             w.observe(self._on_change, names="value")
-        self.box = widgets.VBox([widgets.HBox([self.stages, self.microbatches]), self.schedule,
-                                 self.bubble, self.output])
+        self.box = FallbackBox([widgets.HBox([self.stages, self.microbatches]), self.schedule,
+                                self.bubble, self.output],
+                               title="pipeline bubble", picture=lambda: self.figure,
+                               text=lambda: bubble_text(self.data))
         self.data: dict = {}
         self.figure = None      # the last chart drawn (closed, kept for inspection)
         self.update()
@@ -137,10 +169,8 @@ class PipelineBubbleWidget:
             self.output.clear_output(wait=True)
             show_figure(self.figure)
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.box)
+    def _repr_mimebundle_(self, **kwargs):
+        return self.box._repr_mimebundle_(**kwargs)
 
 
 def pipeline_widget(**kwargs) -> PipelineBubbleWidget:

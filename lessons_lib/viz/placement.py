@@ -3,6 +3,8 @@ with rank and pipeline stage. A picture of :func:`lessons_lib.cluster.placement.
 
 from __future__ import annotations
 
+import re
+
 from ..cluster.placement import (BAD_ORDER, GOOD_ORDER, cross_node_bytes_per_token, place_ranks,
                                  placement_grid)
 from ..validate import check_int
@@ -51,8 +53,13 @@ def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 81
                             description="plan")
     order = widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER), ("PP inside a node", BAD_ORDER)],
                                   description="placement")
+    from .static import FallbackBox, figure_of
+
     text, out = widgets.HTML(), widgets.Output()
-    box = widgets.VBox([plan, order, text, out])
+    figsize = (1.1 * devices_per_node + 1, 0.9 * nodes + 0.8)
+    box = FallbackBox([plan, order, text, out], title="rank placement",
+                      picture=lambda: figure_of(lambda ax: draw_placement(box.placement, ax), figsize),
+                      text=lambda: re.sub("<[^>]+>", "", text.value))
     box.plan, box.order = plan, order
 
     def redraw(_=None):
@@ -61,8 +68,7 @@ def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 81
         box.bytes = cross_node_bytes_per_token(box.placement, hidden, n_layers)
         text.value = (f"cross-node bytes per decode step (hidden={hidden}, {n_layers} layers, batch 1, bf16): "
                       f"TP {box.bytes['tp']:,.0f} + PP {box.bytes['pp']:,.0f} = <b>{box.bytes['total']:,.0f}</b>")
-        redraw_output(out, lambda ax: draw_placement(box.placement, ax),
-                      figsize=(1.1 * devices_per_node + 1, 0.9 * nodes + 0.8))
+        redraw_output(out, lambda ax: draw_placement(box.placement, ax), figsize=figsize)
 
     plan.observe(redraw, names="value")
     order.observe(redraw, names="value")

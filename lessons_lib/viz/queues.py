@@ -71,17 +71,17 @@ def plot_latency(summaries, ax=None):
 def queue_widget(results):
     """A dropdown over policies and a slider over the time window, redrawing :func:`plot_queues`."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+
+    from .static import interactive_figure
 
     by_name = {r.policy: r for r in results}
     t_max = max(max(t for t, _, _ in r.timeline) for r in results)
 
     def draw(policy, window):
-        fig = plot_queues(by_name[policy], window)
-        plt.show()
-        return fig
+        return plot_queues(by_name[policy], window)   # shown by ipywidgets' inline-plot hook
 
-    return widgets.interactive(
-        draw, policy=widgets.Dropdown(options=list(by_name), description="policy"),
+    return interactive_figure(
+        draw, title="queue length per worker",
+        policy=widgets.Dropdown(options=list(by_name), description="policy"),
         window=widgets.FloatRangeSlider(value=(0.0, t_max), min=0.0, max=t_max, step=t_max / 100,
                                         description="time (s)"))

@@ -33,26 +33,39 @@ def ring_frame(p: int, step: int, kind: str = "all_reduce") -> dict:
             "fill": [[len(cell) for cell in row] for row in state]}
 
 
+def ring_figsize(p: int) -> tuple[float, float]:
+    """Bigger for more ranks, so each rank's ``p`` chunk labels keep their own room."""
+    side = 5.5 if p <= 4 else 7.0
+    return (side, side)
+
+
 def draw_ring(frame: dict, ax=None):
-    """Ranks on a circle, each with its ``p`` chunks coloured by how complete they are; arrows for the step."""
+    """Ranks on a circle, each with its ``p`` chunks coloured by how complete they are; arrows for the step.
+
+    Chunk labels are the chunk's index under its box (``c0`` ... for up to four ranks, bare
+    digits beyond), sized so that neighbouring labels never touch up to p = 8.
+    """
     import matplotlib.pyplot as plt
     from matplotlib import cm
 
     p = frame["p"]
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 5.5))
+        _, ax = plt.subplots(figsize=ring_figsize(p))
     ax.clear()
     ax.set_aspect("equal")
     ax.axis("off")
     centres = [(math.cos(math.pi / 2 - 2 * math.pi * r / p), math.sin(math.pi / 2 - 2 * math.pi * r / p))
                for r in range(p)]
-    width = 0.5 / p
+    span = 0.5 if p <= 4 else 0.64          # width of one rank's row of chunks, in data units
+    width = span / p
+    label = (lambda c: f"c{c}") if p <= 4 else str
     for r, (x, y) in enumerate(centres):
         for c in range(p):
             level = frame["fill"][r][c] / p
-            ax.add_patch(plt.Rectangle((x - 0.25 + c * width, y - 0.08), width * 0.9, 0.16,
+            ax.add_patch(plt.Rectangle((x - span / 2 + c * width, y - 0.08), width * 0.9, 0.16,
                                        color=cm.viridis(level), ec="black"))
-            ax.text(x - 0.25 + (c + 0.45) * width, y - 0.16, f"c{c}", ha="center", fontsize=7)
+            ax.text(x - span / 2 + (c + 0.45) * width, y - 0.17, label(c), ha="center", va="center",
+                    fontsize=7)
         ax.text(x, y + 0.15, f"rank {r}", ha="center", fontsize=9, weight="bold")
     for src, dst, chunk, op in frame["transfers"]:
         (x0, y0), (x1, y1) = centres[src], centres[dst]
@@ -64,7 +77,7 @@ def draw_ring(frame: dict, ax=None):
     ax.set_xlim(-1.5, 1.5)
     ax.set_ylim(-1.4, 1.4)
     ax.set_title(f"p={p}, step {frame['step']}/{frame['n_steps']}: {frame['phase']} "
-                 f"(colour: share of ranks summed in)", fontsize=9)
+                 f"(colour: share of ranks summed in; c+ adds, c= copies)", fontsize=9)
     return ax
 
 
@@ -72,23 +85,39 @@ def ring_widget(p: int = 4, kind: str = "all_reduce"):
     """Sliders for ``p`` and the step; the figure redraws from :func:`ring_frame`.
 
     The returned box has ``.p_slider``, ``.step_slider`` and ``.frame`` (the data last
-    drawn), so tests can move a slider and check the picture changed.
+    drawn), so tests can move a slider and check the picture changed. When ``p`` changes,
+    ``.step_slider`` is a new slider whose maximum is the new number of steps.
     """
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+
+    from .static import FallbackBox, figure_of
 
     p_slider = widgets.IntSlider(value=p, min=2, max=8, description="ranks p")
-    step_slider = widgets.IntSlider(value=0, min=0, max=2 * (p - 1), description="step")
     out = widgets.Output()
-    box = widgets.VBox([p_slider, step_slider, out])
-    box.p_slider, box.step_slider = p_slider, step_slider
+    box = FallbackBox([], title="ring all-reduce, step by step",
+                      picture=lambda: figure_of(lambda ax: draw_ring(box.frame, ax), ring_figsize(box.frame["p"])),
+                      text=lambda: f"p={box.frame['p']}, step {box.frame['step']}/{box.frame['n_steps']}")
+    box.p_slider = p_slider
+
+    def new_step_slider(value: int):
+        # A fresh slider for each p: JupyterLab's slider keeps the keys Home/End on the range it
+        # was drawn with, so only a new one lets End reach the last step of a larger ring.
+        slider = widgets.IntSlider(value=value, min=0, max=len(ring_schedule(p_slider.value, kind)),
+                                   description="step")
+        slider.observe(redraw, names="value")
+        box.step_slider = slider
+        box.children = [p_slider, slider, out]
 
     def redraw(_=None):
-        step_slider.max = len(ring_schedule(p_slider.value, kind))
-        box.frame = ring_frame(p_slider.value, min(step_slider.value, step_slider.max), kind)
-        redraw_output(out, lambda ax: draw_ring(box.frame, ax), figsize=(5.5, 5.5))
+        n_steps = len(ring_schedule(p_slider.value, kind))
+        if box.step_slider.max != n_steps:
+            box.step_slider.unobserve(redraw, names="value")
+            new_step_slider(min(box.step_slider.value, n_steps))
+        box.frame = ring_frame(p_slider.value, box.step_slider.value, kind)
+        redraw_output(out, lambda ax: draw_ring(box.frame, ax), figsize=ring_figsize(p_slider.value))
 
     p_slider.observe(redraw, names="value")
-    step_slider.observe(redraw, names="value")
+    box.step_slider = None
+    new_step_slider(0)
     redraw()
     return box

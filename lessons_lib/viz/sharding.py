@@ -172,8 +172,16 @@ class ShardingWidget:
         self.layout, self.error = None, None
         self.strategy.observe(self._update, names="value")
         self.world_size.observe(self._update, names="value")
-        self.box = widgets.VBox([widgets.HBox([self.strategy, self.world_size]), self.output])
+        from .static import FallbackBox
+
+        self.box = FallbackBox([widgets.HBox([self.strategy, self.world_size]), self.output],
+                               title="sharding view", picture=self._picture,
+                               text=lambda: (f"strategy={self.strategy.value}, ranks={self.world_size.value}"
+                                             + (f": cannot shard this way: {self.error}" if self.error else "")))
         self._update()
+
+    def _picture(self):
+        return draw_layout(self.layout) if self.layout is not None else None
 
     def _update(self, _change=None) -> None:
         import matplotlib.pyplot as plt
@@ -188,15 +196,14 @@ class ShardingWidget:
         self.output.clear_output(wait=True)
         with self.output:
             if self.error:
-                print(f"cannot shard this way: {self.error}")
+                print(f"cannot shard {self.world_size.value} ranks with strategy={self.strategy.value!r}: {self.error}")
             else:
                 fig = draw_layout(self.layout)
                 display(fig)
                 plt.close(fig)   # displayed once, in the output widget, not again below the cell
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.box)
+    def _repr_mimebundle_(self, **kwargs):
+        return self.box._repr_mimebundle_(**kwargs)
 
 
 def sharding_widget(config=None, batch: int = 8, strategy: str = "tp", world_size: int = 2):

@@ -1,0 +1,96 @@
+"""Widgets that still show something where no kernel runs.
+
+A saved notebook keeps each widget's state, so JupyterLab draws it live, but GitHub, a plain
+notebook viewer or an untrusted notebook cannot: they fall back to another entry of the output's
+MIME bundle. :class:`FallbackBox` is an ``ipywidgets.VBox`` whose bundle also carries a PNG of
+its current picture and one line of text, so such a reader sees the figure (and never the
+widget's ``VBox(children=...)`` repr).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+
+import ipywidgets as widgets
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def figure_of(draw, figsize, ncols: int = 1) -> "matplotlib.figure.Figure":  # noqa: F821
+    """A figure made without pyplot (so no backend shows it), drawn by ``draw(ax)`` (or
+    ``draw(axes)``, a row of ``ncols`` axes)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    draw(fig.subplots(1, ncols))
+    fig.tight_layout()
+    return fig
+
+
+class FallbackBox(widgets.VBox):
+    """A ``VBox`` that leaves a static picture and a line of text for readers without a kernel.
+
+    ``picture()`` returns the figure the widget shows now (a matplotlib ``Figure``, PNG bytes or
+    ``None``); ``text()`` a line saying what it shows (default: the title).
+    """
+
+    def __init__(self, children=(), *, title: str, picture=None, text=None, **kwargs):
+        super().__init__(children, **kwargs)
+        self._fallback_title, self._picture, self._text = title, picture, text
+
+    def static_png(self) -> bytes | None:
+        picture = self._picture() if self._picture is not None else None
+        if picture is None or isinstance(picture, bytes):
+            return picture
+        import matplotlib.pyplot as plt
+
+        png = figure_png(picture)
+        plt.close(picture)   # a pyplot figure would otherwise show again below the cell
+        return png
+
+    def static_text(self) -> str:
+        line = self._text() if self._text is not None else ""
+        head = f"[interactive widget: {self._fallback_title}; run the notebook to use its controls]"
+        return f"{head}\n{line}".rstrip()
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = self.static_text()
+        png = self.static_png()
+        if png:
+            bundle["image/png"] = base64.b64encode(png).decode("ascii")
+        return bundle
+
+
+def interactive_figure(f, *, title: str, **controls) -> FallbackBox:
+    """``ipywidgets.interact`` for a function that draws or prints, with a static fallback.
+
+    ``f(**values)`` either returns a matplotlib figure (shown in the widget and as the static
+    picture) or prints (its text is the fallback line). The box exposes ``.interactive`` (the
+    ``ipywidgets.interactive`` inside, with ``.kwargs_widgets`` and ``.result``).
+    """
+    from matplotlib.figure import Figure
+
+    inter = widgets.interactive(f, **controls)   # runs f once with the initial values
+
+    def picture():
+        return inter.result if isinstance(inter.result, Figure) else None
+
+    def text():
+        if isinstance(inter.result, Figure):
+            return ", ".join(f"{k}={v!r}" for k, v in inter.kwargs.items())
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            f(**inter.kwargs)
+        return buf.getvalue().strip()
+
+    box = FallbackBox([inter], title=title, picture=picture, text=text)
+    box.interactive = inter
+    return box
