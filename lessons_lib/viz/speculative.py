@@ -94,13 +94,16 @@ def round_widget(trace: list[dict], decode=None):
     import ipywidgets as widgets
 
     from . import redraw as redraw_output
+    from .static import FallbackBox, figure_of
 
     if not isinstance(trace, list) or not trace:
         raise bad("trace", trace, "the non-empty list speculative_generate(trace=[]) fills")
     slider = widgets.IntSlider(value=0, min=0, max=len(trace) - 1, description="round")
     text = widgets.HTML()
     out = widgets.Output()
-    box = widgets.VBox([slider, out, text])
+    box = FallbackBox([slider, out, text], title="one speculative round",
+                      picture=lambda: figure_of(lambda ax: draw_round(box.record, ax, decode), (10, 2.2)),
+                      text=lambda: round_summary(box.record, decode))
     box.slider, box.trace = slider, trace
 
     def redraw(_=None):
