@@ -466,7 +466,8 @@ class Router:
                 return
             resp = Response(rid, fields["tokens"], h.spec.id, h.spec.version, fields["cached_tokens"],
                             fields["service_s"], time.monotonic() - self._submitted[rid],
-                            self._attempts[rid])
+                            self._attempts[rid], queue_s=fields["queue_s"], ttft_s=fields["ttft_s"],
+                            tpot_s=fields["tpot_s"])
             winner, losers = self._vote(request, resp)
         if winner is None:
             self._dispatch(request, verify=True)
