@@ -123,10 +123,11 @@ class WorkerHandle:
     progress_at: float = field(default_factory=time.monotonic)   # when progress last moved
 
     def load(self) -> WorkerLoad:
-        return WorkerLoad(self.spec.id, len(self.outstanding),
-                          sum(r.cost_tokens for r in self.outstanding.values()),
-                          self.reported.get("queue", 0), self.reported.get("running", 0),
-                          self.reported.get("kv_usage", 0.0), frozenset(self.cached))
+        owed = self.outstanding.values()
+        prompt, decode = sum(len(r.prompt) for r in owed), sum(r.max_new_tokens for r in owed)
+        return WorkerLoad(self.spec.id, len(self.outstanding), prompt + decode, prompt, decode,
+                          queue=self.reported.get("queue", 0), running=self.reported.get("running", 0),
+                          kv_usage=self.reported.get("kv_usage", 0.0), cached_blocks=frozenset(self.cached))
 
 
 class Router:
