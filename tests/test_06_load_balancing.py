@@ -5,8 +5,8 @@ import pytest
 from lessons_lib.serving.policies import (LeastOutstanding, PowerOfTwoChoices, PrefixCacheAware, RoundRobin,
                                           TokenCostAware, WorkerLoad, block_hashes, make_policy)
 from lessons_lib.serving.protocol import Request
-from lessons_lib.serving.simulate import (CostModel, TraceItem, compare_policies, make_trace, measure_capacity,
-                                          percentile, retime, simulate)
+from lessons_lib.serving.simulate import (CostModel, TraceItem, compare_policies, fit_cost_model, make_trace,
+                                          measure_capacity, percentile, retime, simulate)
 
 pytestmark = pytest.mark.lesson06
 
@@ -228,6 +228,19 @@ def test_stale_load_makes_least_outstanding_herd_but_not_power_of_two():
     assert stale.summary()["ttft_p99_s"] > 3 * fresh.summary()["ttft_p99_s"]
 
 
+def test_a_cost_model_is_fitted_to_measured_steps():
+    truth = CostModel(step_overhead_s=0.004, prefill_s_per_token=2e-4, decode_s_per_token=5e-4)
+    samples = [(p, d, truth.step_s(p, d)) for p in (0, 16, 64, 200) for d in (1, 4, 8)]
+    fitted = fit_cost_model(samples)
+    assert fitted.step_overhead_s == pytest.approx(0.004) and fitted.prefill_s_per_token == pytest.approx(2e-4)
+    assert fitted.decode_s_per_token == pytest.approx(5e-4)
+    # Decode tokens that cost nothing measurable: the coefficient is 0, never negative.
+    flat = fit_cost_model([(p, d, 0.004 + 1e-4 * p - 1e-6 * d) for p in (0, 50, 100) for d in (1, 8)])
+    assert flat.decode_s_per_token == 0.0 and flat.prefill_s_per_token > 0
+    with pytest.raises(ValueError, match="samples"):
+        fit_cost_model([(1, 2, 0.1)])
+
+
 # -- real workers -----------------------------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_replay_reports_ttft_tpot_and_goodput_from_real_workers():
@@ -238,7 +251,7 @@ def test_replay_reports_ttft_tpot_and_goodput_from_real_workers():
         capacity = measure_fleet(router, n=24, max_new_tokens=4)
         assert capacity > 0
         rows = replay(router, ["round-robin", make_policy("token-cost", prefill_cost=1e-4, decode_cost=1e-3)],
-                      n=12, max_new_tokens=4, rate=0.5 * capacity, slo_ttft_s=60, slo_tpot_s=60)
+                      n=12, max_new_tokens=4, rate=0.5 * capacity, slo_ttft_s=60, slo_tpot_s=60, rounds=3)
     assert [r["policy"] for r in rows] == ["round-robin", "token-cost"]
     for r in rows:
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["p99_s"]

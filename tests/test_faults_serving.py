@@ -404,6 +404,8 @@ BAD_INPUTS = {
     "capacity empty trace": (lambda: measure_capacity([]), "trace=\\[\\]"),
     "goodput slo 0": (lambda: simulate(make_trace(3), "round-robin").goodput(0, 1), "slo_ttft_s=0"),
     "replay no policies": (lambda: replay(None, []), "policy_names=\\[\\]"),
+    "replay rounds 0": (lambda: replay(None, ["round-robin"], n=4, rounds=0), "rounds=0"),
+    "replay rounds > n": (lambda: replay(None, ["round-robin"], n=4, rounds=5), "rounds=5"),
     "token-cost weight negative": (lambda: make_policy("token-cost", decode_cost=-1), "decode_cost=-1"),
     "percentile empty": (lambda: percentile([], 50), "sorted_values=\\[\\]"),
     "percentile q nan": (lambda: percentile([1.0], NAN), "q=nan"),

@@ -336,6 +336,31 @@ def _cost(cost, **overrides) -> CostModel:
     return CostModel(**{**fields, **given})
 
 
+def fit_cost_model(samples, max_num_seqs: int = 8, max_num_batched_tokens: int = 256) -> CostModel:
+    """The :class:`CostModel` that best fits measured steps, ``samples`` a list of (prompt tokens,
+    decode tokens, seconds) per step: least squares, no coefficient below 0."""
+    import numpy as np
+
+    rows = [tuple(x) for x in samples]
+    if len(rows) < 3 or not all(len(x) == 3 for x in rows):
+        raise bad("samples", samples, "at least 3 (prompt tokens, decode tokens, seconds) triples")
+    for p, d, t in rows:
+        check_int("samples[].prompt_tokens", p, low=0)
+        check_int("samples[].decode_tokens", d, low=0)
+        check_real("samples[].seconds", t, low=0)
+    a = np.array([[1.0, p, d] for p, d, _ in rows])
+    y = np.array([t for _, _, t in rows])
+    keep = [0, 1, 2]
+    while True:   # drop a coefficient that fits below zero and refit the others
+        coef = np.zeros(3)
+        coef[keep] = np.linalg.lstsq(a[:, keep], y, rcond=None)[0]
+        negative = [k for k in keep if coef[k] < 0]
+        if not negative:
+            break
+        keep.remove(min(negative, key=lambda k: coef[k]))
+    return CostModel(float(coef[0]), float(coef[1]), float(coef[2]), max_num_seqs, max_num_batched_tokens)
+
+
 def measure_capacity(trace, speeds=(1.0, 1.0, 1.0, 0.3), cost: CostModel | None = None, **kwargs) -> float:
     """The fleet's capacity in requests per second, measured at saturation: each worker alone gets
     every request of ``trace`` at time 0 and serves them with full batches; its requests per second
