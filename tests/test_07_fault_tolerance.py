@@ -161,12 +161,25 @@ def test_heartbeats_report_load_and_the_blocks_a_worker_cached():
         router.run([Request("a", prompt, 2)])
         deadline = time.monotonic() + 10
         handle = router.workers["w0"]
-        while len(handle.cached) < 3 and time.monotonic() < deadline:
+        # The blocks are reported after the prefill step, the second token one step later: wait for both.
+        while (len(handle.cached) < 3 or handle.reported.get("progress", 0) < 2) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert set(block_hashes(prompt, 16)) <= handle.cached
         assert handle.reported["progress"] >= 2 and handle.reported["running"] == 0
         again = router.run([Request("b", prompt + (60,), 2)])[0]
         assert again.cached_tokens == 48
+
+
+def test_responses_carry_the_engines_timings_of_each_request():
+    reqs = [Request("one", (5, 6, 7), 1), Request("many", tuple(range(1, 40)), 6)]
+    with Router([WorkerSpec("w0", model=SPEC)]) as router:
+        one, many = router.run(reqs)
+    for r in (one, many):
+        # queue <= first token <= last token (worker clock) <= submit-to-answer (router clock)
+        assert 0 <= r.queue_s <= r.ttft_s <= r.service_s <= r.latency_s
+        assert 0 <= r.client_ttft_s <= r.latency_s
+    assert one.tpot_s is None                        # one token: no gap between tokens
+    assert many.tpot_s > 0 and many.ttft_s + 5 * many.tpot_s == pytest.approx(many.service_s, abs=1e-3)
 
 
 def test_router_rejects_bad_specs():

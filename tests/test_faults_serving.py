@@ -22,7 +22,8 @@ from lessons_lib.serving import (DuplicateRequestId, MessageTooLarge, Request, R
 from lessons_lib.serving.faults import ANSWER_FAULTS, LINK_FAULTS, corrupt_answer, inject, run_with_fault
 from lessons_lib.serving.health import FailureDetector, backoff_delays
 from lessons_lib.serving.policies import PowerOfTwoChoices, PrefixCacheAware, block_hashes, make_policy
-from lessons_lib.serving.simulate import compare_policies, make_trace, percentile, simulate
+from lessons_lib.serving.simulate import (CostModel, compare_policies, make_trace, measure_capacity, percentile,
+                                          retime, simulate)
 from lessons_lib.serving.versioning import run_session
 from lessons_lib.engine import SamplingParams
 from lessons_lib.serving.worker import load_model, make_engine
@@ -392,6 +393,20 @@ BAD_INPUTS = {
                                   "prefill_s_per_token=-1"),
     "simulate trace items": (lambda: simulate([1, 2], "round-robin"), "trace=1"),
     "compare names": (lambda: compare_policies([], names=["fastest"]), "policy='fastest'"),
+    "simulate stale interval": (lambda: simulate([], "round-robin", load_report_interval=-1),
+                                "load_report_interval=-1"),
+    "simulate cost type": (lambda: simulate([], "round-robin", cost={"step_overhead_s": 1}), "cost="),
+    "cost overhead nan": (lambda: CostModel(step_overhead_s=NAN), "step_overhead_s=nan"),
+    "cost batch below seqs": (lambda: CostModel(max_num_seqs=8, max_num_batched_tokens=4),
+                              "max_num_batched_tokens=4"),
+    "retime rate 0": (lambda: retime(make_trace(3), 0), "rate=0"),
+    "retime trace items": (lambda: retime([1], 5.0), "trace=1"),
+    "capacity empty trace": (lambda: measure_capacity([]), "trace=\\[\\]"),
+    "goodput slo 0": (lambda: simulate(make_trace(3), "round-robin").goodput(0, 1), "slo_ttft_s=0"),
+    "replay no policies": (lambda: replay(None, []), "policy_names=\\[\\]"),
+    "replay rounds 0": (lambda: replay(None, ["round-robin"], n=4, rounds=0), "rounds=0"),
+    "replay rounds > n": (lambda: replay(None, ["round-robin"], n=4, rounds=5), "rounds=5"),
+    "token-cost weight negative": (lambda: make_policy("token-cost", decode_cost=-1), "decode_cost=-1"),
     "percentile empty": (lambda: percentile([], 50), "sorted_values=\\[\\]"),
     "percentile q nan": (lambda: percentile([1.0], NAN), "q=nan"),
     "percentile q 150": (lambda: percentile([1.0], 150), "q=150"),

@@ -8,8 +8,10 @@ the real router (``router.py``), so what the simulation predicts is what the rou
 * ``LeastOutstanding``: fewest requests in flight (queued or running).
 * ``PowerOfTwoChoices``: sample two workers at random, take the less loaded (Mitzenmacher):
   nearly as good as least-outstanding and needs no global view, so it scales to many routers.
-* ``TokenCostAware``: fewest outstanding *tokens* (prompt + max new tokens), since one long
-  request costs as much as many short ones.
+* ``TokenCostAware``: least outstanding *work*: prompt tokens and new tokens each weighted by
+  what they cost the worker (``prefill_cost``, ``decode_cost``), since one long request costs as
+  much as many short ones, and a decode token (one engine step each) costs more than a prompt
+  token (hundreds per step).
 * ``PrefixCacheAware``: the worker that holds the longest cached prefix of the prompt (its KV
   cache skips that prefill); ties, and prompts nobody has cached, go to the least loaded.
 * ``BoundedPrefixAffinity``: the same, among workers whose load is within a bound of the mean.
@@ -34,6 +36,9 @@ class WorkerLoad:
     id: str
     outstanding: int = 0          # requests sent and not yet answered
     outstanding_tokens: int = 0   # sum of their prompt + max_new_tokens
+    # The same split in two (None: unknown, and a cost-aware policy uses outstanding_tokens):
+    outstanding_prompt_tokens: int | None = None
+    outstanding_decode_tokens: int | None = None
     # What the worker's last heartbeat said (a real router only; the simulator leaves the defaults):
     queue: int = 0                # requests waiting in its engine
     running: int = 0              # requests its engine is decoding
@@ -87,10 +92,26 @@ class PowerOfTwoChoices(Policy):
 
 
 class TokenCostAware(Policy):
+    """Least outstanding work, in seconds if the costs are seconds per token.
+
+    work = ``prefill_cost`` x outstanding prompt tokens + ``decode_cost`` x outstanding new tokens.
+    With both 1 it counts tokens. The simulator passes its own costs (``simulate.CostModel.token_costs``):
+    a prompt token costs its share of a prefill step, a decode token a whole step shared by the batch.
+    """
+
     name = "token-cost"
 
+    def __init__(self, prefill_cost: float = 1.0, decode_cost: float = 1.0) -> None:
+        self.prefill_cost = check_real("prefill_cost", prefill_cost, low=0, why="cost of one prompt token")
+        self.decode_cost = check_real("decode_cost", decode_cost, low=0, why="cost of one new token")
+
+    def work(self, w: WorkerLoad) -> float:
+        if w.outstanding_prompt_tokens is None or w.outstanding_decode_tokens is None:
+            return float(w.outstanding_tokens)
+        return self.prefill_cost * w.outstanding_prompt_tokens + self.decode_cost * w.outstanding_decode_tokens
+
     def choose(self, request, workers):
-        return min(workers, key=lambda w: (w.outstanding_tokens, w.outstanding)).id
+        return min(workers, key=lambda w: (self.work(w), w.outstanding)).id
 
 
 class PrefixCacheAware(Policy):

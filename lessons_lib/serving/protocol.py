@@ -11,8 +11,10 @@ Messages (the ``op`` field):
   ``heartbeat`` {worker, seq, queue, running, kv_usage, progress, stored, removed} every
   ``heartbeat_interval`` seconds (load, tokens produced so far, and the block hashes its prefix
   cache stored and removed since the last one); ``result`` {id, tokens, worker,
-  version, cached_tokens, service_s}; ``error`` {id, error}; ``bad-frame`` {error} when it could not
-  read what the router sent (it then exits).
+  version, cached_tokens, queue_s, ttft_s, tpot_s, service_s} (the engine's timings of the request,
+  in seconds from when the worker received it; ``tpot_s`` is null for a single token);
+  ``error`` {id, error}; ``bad-frame`` {error} when it could not read what the router sent (it
+  then exits).
 
 Neither side trusts the other's bytes: a frame over :data:`MAX_MESSAGE`, bytes that are not a JSON
 object, or a message with a missing or mistyped field raise :class:`BadFrame`, and the reader
@@ -127,6 +129,10 @@ def _seconds(name: str, value) -> float:
     return float(value)
 
 
+def _seconds_or_none(name: str, value) -> float | None:
+    return None if value is None else _seconds(name, value)
+
+
 def parse_generate(msg: dict) -> tuple[str, tuple[int, ...], int]:
     """A worker's check of a ``generate`` message: (id, prompt, max_new_tokens) or ``BadFrame``."""
     return (message_field(msg, "id", check_str), message_field(msg, "prompt", _token_list, min_len=1),
@@ -171,7 +177,10 @@ def parse_result(msg: dict, request: "Request", worker: str, version: str, vocab
                            f"(the {name} the router started it as)")
     return {"tokens": tokens,
             "cached_tokens": message_field(msg, "cached_tokens", check_int, low=0, high=len(request.prompt)),
-            "service_s": message_field(msg, "service_s", _seconds)}
+            "service_s": message_field(msg, "service_s", _seconds),
+            "queue_s": message_field(msg, "queue_s", _seconds),
+            "ttft_s": message_field(msg, "ttft_s", _seconds),
+            "tpot_s": message_field(msg, "tpot_s", _seconds_or_none)}
 
 
 def _check_prompt(prompt) -> tuple[int, ...]:
@@ -224,7 +233,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
-    """What served a request, and its result: the new tokens only (greedy, deterministic)."""
+    """What served a request, and its result: the new tokens only (greedy, deterministic).
+
+    Timings, in seconds. Measured by the worker's engine from when the worker received the
+    request: ``queue_s`` (waiting for a place in a batch), ``ttft_s`` (time to first token),
+    ``tpot_s`` (mean time per output token after the first; None for a single token) and
+    ``service_s`` (until its last token). Measured by the router: ``latency_s``, from submit to
+    answer = network both ways + the router's own wait (back-offs, re-dispatch) + ``service_s``.
+    """
 
     id: str
     tokens: tuple[int, ...]
@@ -235,3 +251,12 @@ class Response:
     latency_s: float = 0.0
     attempts: int = 1
     extra: dict = field(default_factory=dict, compare=False)
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    tpot_s: float | None = None
+
+    @property
+    def client_ttft_s(self) -> float:
+        """TTFT as the client would see it if the tokens were streamed: the router's latency less
+        the time the worker spent after the first token."""
+        return max(0.0, self.latency_s - (self.service_s - self.ttft_s))

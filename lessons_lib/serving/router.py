@@ -123,10 +123,11 @@ class WorkerHandle:
     progress_at: float = field(default_factory=time.monotonic)   # when progress last moved
 
     def load(self) -> WorkerLoad:
-        return WorkerLoad(self.spec.id, len(self.outstanding),
-                          sum(r.cost_tokens for r in self.outstanding.values()),
-                          self.reported.get("queue", 0), self.reported.get("running", 0),
-                          self.reported.get("kv_usage", 0.0), frozenset(self.cached))
+        owed = self.outstanding.values()
+        prompt, decode = sum(len(r.prompt) for r in owed), sum(r.max_new_tokens for r in owed)
+        return WorkerLoad(self.spec.id, len(self.outstanding), prompt + decode, prompt, decode,
+                          queue=self.reported.get("queue", 0), running=self.reported.get("running", 0),
+                          kv_usage=self.reported.get("kv_usage", 0.0), cached_blocks=frozenset(self.cached))
 
 
 class Router:
@@ -466,7 +467,8 @@ class Router:
                 return
             resp = Response(rid, fields["tokens"], h.spec.id, h.spec.version, fields["cached_tokens"],
                             fields["service_s"], time.monotonic() - self._submitted[rid],
-                            self._attempts[rid])
+                            self._attempts[rid], queue_s=fields["queue_s"], ttft_s=fields["ttft_s"],
+                            tpot_s=fields["tpot_s"])
             winner, losers = self._vote(request, resp)
         if winner is None:
             self._dispatch(request, verify=True)

@@ -14,6 +14,10 @@ one connection (the router's) and then runs three threads:
   also carries the engine's load (waiting, running, KV usage), its *progress* (tokens produced so
   far: a worker stuck in compute keeps heart-beating but its progress stops) and the block hashes
   its prefix cache stored and removed since the last one, for KV-aware routing.
+
+Each result carries the engine's timings of the request, measured in the worker from the moment
+its message arrived: queue time, time to first token (TTFT), time per output token (TPOT) and
+service time. The router adds what it alone sees (the network and its own queue) as latency.
 """
 
 from __future__ import annotations
@@ -66,6 +70,16 @@ def make_engine(model, block_size: int = 16, max_num_seqs: int = 8):
 
     return LLMEngine(model, block_size=block_size or 16, max_num_seqs=max_num_seqs,
                      enable_prefix_caching=block_size > 0)
+
+
+def request_metrics(metrics, received: float) -> dict:
+    """A finished request's timings in seconds, all from when the worker received it (the engine's
+    clock is ``time.perf_counter``): ``queue_s`` until first scheduled, ``ttft_s`` until its first
+    token, ``service_s`` until its last, ``tpot_s`` the mean gap between tokens (None for one token)."""
+    return {"queue_s": max(0.0, metrics.first_scheduled_time - received),
+            "ttft_s": max(0.0, metrics.first_token_time - received),
+            "tpot_s": metrics.tpot,
+            "service_s": max(0.0, metrics.finished_time - received)}
 
 
 def serve(args) -> None:
@@ -124,7 +138,8 @@ def serve(args) -> None:
                     return
                 if msg["op"] != "generate":
                     raise BadFrame(f"unknown op {msg['op']!r}")
-                inbox.put(parse_generate(msg))
+                # Stamped on arrival, so the queue time it reports includes the wait in the inbox.
+                inbox.put((time.perf_counter(), parse_generate(msg)))
         except BadFrame as e:
             # The stream can no longer be trusted (framing may be lost): say why, then exit, and
             # the router re-sends every request it owed to this worker to the others.
@@ -172,12 +187,12 @@ def serve(args) -> None:
             pass
         if None in jobs:
             break
-        for rid, prompt, max_new_tokens in jobs:
+        for received, (rid, prompt, max_new_tokens) in jobs:
             if args.crash_on_token is not None and args.crash_on_token in prompt:
                 os._exit(1)   # an injected poison request: this prompt crashes the replica
             try:
                 engine.add_request(rid, list(prompt), SamplingParams(max_tokens=max_new_tokens))
-                started[rid] = time.perf_counter()
+                started[rid] = received
             except Exception as e:   # a bad request must not kill the replica
                 send({"op": "error", "id": rid, "error": f"{type(e).__name__}: {e}"})
         if not engine.has_unfinished_requests():
@@ -192,7 +207,7 @@ def serve(args) -> None:
             result = {"op": "result", "id": out.request_id, "tokens": out.output_token_ids,
                       "worker": args.worker_id, "version": args.version,
                       "cached_tokens": out.num_cached_tokens,
-                      "service_s": time.perf_counter() - started.pop(out.request_id)}
+                      **request_metrics(out.metrics, started.pop(out.request_id))}
             if args.fault and served >= args.fault_after:
                 with send_lock:
                     conn.sendall(corrupt_answer(result, args.fault, model.config.vocab_size))
