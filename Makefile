@@ -16,7 +16,7 @@ COURSE_NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb solutions/[0-9][0-9]_
 PYTEST_NB := --nbval --nbval-current-env --nbval-cell-timeout=600 \
              --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab lab-setup test test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
+.PHONY: lab lab-setup test test-browser test-portable venv browser notebooks exercises grade nbgrader-source benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests notebooks solutions exercises $(PYTEST_NB)
+
+# Every step of the browser test on every lesson with a widget (make test opens them all and runs four).
+test-browser: $(STAMP) browser
+	BROWSER_RUN=all $(BIN)/python -m pytest -q tests/test_browser.py
 
 # The lesson notebooks again on torch's portable kernels (no AVX) and one thread: a printed number
 # that depends on the CPU's kernels or the thread count fails here (.ci/run runs it after `make test`).

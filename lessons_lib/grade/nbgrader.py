@@ -57,6 +57,9 @@ c.CourseDirectory.course_id = "distributed-inference"
 # course itself (a deadlock is reported with where each rank waits); the cell timeout leaves
 # room for both, and for run_distributed's default timeout in the given cells: not nbgrader's 30 s.
 c.Execute.timeout = {CELL_TIMEOUT_S}
+# Students' notebooks name the course kernel that `make lab` registers; autograde runs them on the
+# kernel of the Python that runs nbgrader (the course's environment), registered or not.
+c.Execute.kernel_name = "python3"
 '''
 
 
