@@ -196,8 +196,14 @@ class Attention(nn.Module):
         # matters when decoding one token at a time is dominated by per-op
         # overhead. enable_gqa: each KV head serves n_heads // n_kv consecutive
         # query heads, as k.repeat_interleave(n_heads // n_kv, dim=1) would.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             enable_gqa=n_heads != n_kv)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # torch 2.13's CPU attention kernel in 16-bit needs AVX-512 (it fails with "pack_vnni2"
+            # on AVX2 or ARM laptops): attend in float32, which every CPU runs, and cast back.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                 enable_gqa=n_heads != n_kv).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 enable_gqa=n_heads != n_kv)
         out = out.transpose(1, 2).reshape(batch, seq, n_heads * self.head_dim)
         return self.o_proj(out)
 
