@@ -32,6 +32,7 @@ class PagedBatch:
         self.pool = pool
         bs = pool.block_size
         positions, slots, key_slots, key_seq, key_pos, query_seq, last = [], [], [], [], [], [], []
+        end = 0                                                  # new tokens packed so far
         for s, (table, num_computed, num_new) in enumerate(seqs):
             table_t = torch.tensor(table, dtype=torch.long)
             total = num_computed + num_new
@@ -43,7 +44,8 @@ class PagedBatch:
             key_seq.append(torch.full((total,), s))
             key_pos.append(pos)
             query_seq.append(torch.full((num_new,), s))
-            last.append(sum(n for _, _, n in seqs[:s + 1]) - 1)
+            end += num_new
+            last.append(end - 1)
         self.positions = torch.cat(positions)                 # (T,) position of each new token
         self.slot_mapping = torch.cat(slots)                  # (T,) where each new token's K/V go
         self.key_slots = torch.cat(key_slots)                 # (K,) every key this step reads
