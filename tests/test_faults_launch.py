@@ -386,7 +386,8 @@ def test_nccl_without_a_gpu_per_rank_is_refused():
 
 
 @pytest.mark.timeout(120)
-def test_a_rank_that_dies_while_starting_is_replaced_once(monkeypatch):
+@pytest.mark.parametrize("reaped", [False, True], ids=["dying", "gone before its first message"])
+def test_a_rank_that_dies_while_starting_is_replaced_once(monkeypatch, reaped):
     shutdown()
     original, spawned = pool.WorkerPool._spawn, []
 
@@ -395,6 +396,8 @@ def test_a_rank_that_dies_while_starting_is_replaced_once(monkeypatch):
         spawned.append(rank)
         if len(spawned) == 2:     # the first pool's rank 1 dies before it can join
             self._procs[-1].kill()
+            if reaped:            # its end of the socket is closed before the parent writes
+                self._procs[-1].wait()
 
     monkeypatch.setattr(pool.WorkerPool, "_spawn", spawn_and_kill_the_first)
     assert [r for r, _ in run_distributed(rank_and_pid, 2)] == [0, 1]

@@ -115,8 +115,13 @@ class WorkerPool:
         for rank in range(self.world_size):
             self._spawn(rank, env)
         info = {"sys_path": caller_sys_path(), "cwd": os.getcwd()}
-        for conn in self._conns:
-            conn.send(("init", info))
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(("init", info))
+            except OSError:          # the rank ended before it could read its first message
+                raise RankDiedWhileStarting(
+                    f"rank {rank} {self._recv(rank)[1]} while starting, before joining the process group",
+                    rank=rank, kind="startup", native_stderr=self.native_stderr()) from None
         deadline = time.monotonic() + startup_s
         pending = set(range(self.world_size))
         while pending:
