@@ -245,10 +245,10 @@ def test_a_cost_model_is_fitted_to_measured_steps():
 @pytest.mark.timeout(180)
 def test_replay_reports_ttft_tpot_and_goodput_from_real_workers():
     from lessons_lib.serving import Router, WorkerSpec
-    from lessons_lib.serving.workload import measure_capacity as measure_fleet, replay
+    from lessons_lib.serving import measure_fleet_capacity, replay
 
     with Router([WorkerSpec("w0", model="random:0"), WorkerSpec("w1", model="random:0")]) as router:
-        capacity = measure_fleet(router, n=24, max_new_tokens=4)
+        capacity = measure_fleet_capacity(router, n=24, max_new_tokens=4)
         assert capacity > 0
         rows = replay(router, ["round-robin", make_policy("token-cost", prefill_cost=1e-4, decode_cost=1e-3)],
                       n=12, max_new_tokens=4, rate=0.5 * capacity, slo_ttft_s=60, slo_tpot_s=60, rounds=3)

@@ -13,8 +13,11 @@ re-exports those names so the lesson finds them in one place.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..model.fingerprint import _check_state, diff_states, short, state_fingerprint, tensor_digest
+from ..parallel.plan import Colwise, Rowwise, _matches, _resolve, tiny_lm_tp_plan
+from ..parallel.tensor import shard_indices
 from ..validate import bad, check_int
 
 __all__ = ["broadcast_state_", "diff_states", "gather_fingerprints", "shard_manifest", "shard_state",
@@ -25,8 +28,6 @@ __all__ = ["broadcast_state_", "diff_states", "gather_fingerprints", "shard_mani
 def gather_fingerprints(state: dict) -> list[str]:
     """Every rank's fingerprint of its ``state``, in rank order, on every rank (one all-gather of
     64-byte strings: cheap enough to run before serving and after every weight update)."""
-    import torch.distributed as dist
-
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, state_fingerprint(state))
     return out
@@ -35,8 +36,6 @@ def gather_fingerprints(state: dict) -> list[str]:
 @torch.no_grad()
 def broadcast_state_(state: dict, src: int = 0) -> None:
     """Overwrite every tensor of ``state`` in place with rank ``src``'s copy (the repair)."""
-    import torch.distributed as dist
-
     check_int("src", src, low=0, high=dist.get_world_size() - 1)
     for name in sorted(state):   # the same order on every rank, or the broadcasts would mismatch
         dist.broadcast(state[name], src=src)
@@ -54,9 +53,6 @@ def shard_state(state: dict, rank: int, world_size: int, plan: dict | None = Non
     ``parallelize`` equals this shard's, and a manifest built offline from the full checkpoint
     checks what each rank really holds.
     """
-    from ..parallel.plan import Colwise, Rowwise, _matches, _resolve, tiny_lm_tp_plan
-    from ..parallel.tensor import shard_indices
-
     _check_state("state", state)
     check_int("world_size", world_size, low=1)
     check_int("rank", rank, low=0, high=world_size - 1)

@@ -26,6 +26,8 @@ import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..validate import bad, check_int, check_probability, check_real, check_str_list
 from .policies import POLICIES, Policy, WorkerLoad, block_hashes, make_policy
 from .protocol import Request
@@ -339,8 +341,6 @@ def _cost(cost, **overrides) -> CostModel:
 def fit_cost_model(samples, max_num_seqs: int = 8, max_num_batched_tokens: int = 256) -> CostModel:
     """The :class:`CostModel` that best fits measured steps, ``samples`` a list of (prompt tokens,
     decode tokens, seconds) per step: least squares, no coefficient below 0."""
-    import numpy as np
-
     rows = [tuple(x) for x in samples]
     if len(rows) < 3 or not all(len(x) == 3 for x in rows):
         raise bad("samples", samples, "at least 3 (prompt tokens, decode tokens, seconds) triples")

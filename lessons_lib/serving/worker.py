@@ -32,8 +32,13 @@ import sys
 import threading
 import time
 
+import torch
+
+from ..engine import LLMEngine, SamplingParams
+from ..model import TINY_LM_PATH, ModelConfig, TinyLM, load_tiny_lm
 from ..validate import bad, check_str
 from .faults import ANSWER_FAULTS, corrupt_answer
+from .fingerprint import state_fingerprint
 from .protocol import LOOPBACK, BadFrame, ProtocolError, parse_generate, recv_msg, send_msg
 
 BAD_FRAME_EXIT = 3   # the exit status of a worker that could not read the router's message
@@ -51,10 +56,6 @@ def check_model_spec(spec) -> str:
 def load_model(spec: str):
     """``random:SEED`` (fresh init with a fixed seed), ``checkpoint`` (the trained tiny LM) or
     ``auto`` (the checkpoint if it exists, else ``random:0``)."""
-    import torch
-
-    from ..model import TINY_LM_PATH, ModelConfig, TinyLM, load_tiny_lm
-
     check_model_spec(spec)
     if spec == "auto":
         spec = "checkpoint" if TINY_LM_PATH.exists() else "random:0"
@@ -66,8 +67,6 @@ def load_model(spec: str):
 
 def make_engine(model, block_size: int = 16, max_num_seqs: int = 8):
     """The worker's engine: prefix caching on unless ``block_size`` is 0 (then blocks of 16)."""
-    from ..engine import LLMEngine
-
     return LLMEngine(model, block_size=block_size or 16, max_num_seqs=max_num_seqs,
                      enable_prefix_caching=block_size > 0)
 
@@ -83,11 +82,6 @@ def request_metrics(metrics, received: float) -> dict:
 
 
 def serve(args) -> None:
-    import torch
-
-    from ..engine import SamplingParams
-    from .fingerprint import state_fingerprint
-
     torch.set_num_threads(1)   # several workers share few cores
     model = load_model(args.model)
     fingerprint = state_fingerprint(model.state_dict())

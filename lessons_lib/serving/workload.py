@@ -8,9 +8,19 @@ requests, and greedy decoding gives the same answers, on any number of workers.
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
 
+import torch
+
+from ..engine import SamplingParams
+from ..model import generate
+from ..tokenizer import ByteTokenizer
 from ..validate import bad, check_int, check_probability, check_real, check_str, check_str_list
+from .policies import Policy, make_policy
 from .protocol import Request
+from .simulate import fit_cost_model, percentile
+from .worker import load_model, make_engine
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant for a distributed inference course. Answer briefly. ",
@@ -22,8 +32,6 @@ QUESTIONS = ("What is tensor parallelism?", "Why cache keys and values?", "Name 
 
 
 def make_prompt(rng: random.Random, shared_prefix_share: float = 0.5, tag: str = "") -> list[int]:
-    from ..tokenizer import ByteTokenizer
-
     text = rng.choice(QUESTIONS) + " #" + str(rng.randrange(1000))
     if rng.random() < shared_prefix_share:
         text = rng.choice(SYSTEM_PROMPTS) + text
@@ -47,11 +55,6 @@ def make_requests(n: int, seed: int = 0, max_new_tokens: int = 3, prefix: str = 
 
 def reference_tokens(requests, model=None, model_spec: str = "auto") -> dict[str, tuple[int, ...]]:
     """The oracle: each request's new tokens from one process running :func:`generate`."""
-    import torch
-
-    from ..model import generate
-    from .worker import load_model
-
     requests = list(requests)
     for r in requests:
         if not isinstance(r, Request):
@@ -75,7 +78,6 @@ def reference_tokens(requests, model=None, model_spec: str = "auto") -> dict[str
 
 
 def _policy(spec):
-    from .policies import Policy, make_policy
 
     if isinstance(spec, Policy):
         return spec
@@ -86,14 +88,6 @@ def measure_step_costs(model, requests, max_num_seqs: int = 8, block_size: int =
     """A :class:`~.simulate.CostModel` fitted to the engine's own steps on ``requests`` (served
     together, one thread, as a worker does): each step timed, with the prompt and decode tokens
     it computed."""
-    import time
-
-    import torch
-
-    from ..engine import SamplingParams
-    from .simulate import fit_cost_model
-    from .worker import make_engine
-
     requests = list(requests)
     for r in requests:
         if not isinstance(r, Request):
@@ -118,18 +112,13 @@ def measure_step_costs(model, requests, max_num_seqs: int = 8, block_size: int =
     return fit_cost_model(samples[2:], max_num_seqs, engine.max_num_batched_tokens)   # 2 warm-up steps out
 
 
-def measure_capacity(router, n: int = 120, seed: int = 0, max_new_tokens: int = 8,
+def measure_fleet_capacity(router, n: int = 120, seed: int = 0, max_new_tokens: int = 8,
                      concurrency: int | None = None, tag: str = "[capacity] ",
                      timeout: float = 120.0) -> float:
     """The fleet's capacity in requests per second, measured at saturation, closed loop: keep
     ``concurrency`` requests in flight (default: 2 x the workers' ``max_num_seqs`` summed, so
     every engine runs full batches with a queue behind them), send a new one as each is answered,
     routed to the least loaded worker; ``n`` answers / the time they took."""
-    import time
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    from .policies import make_policy
-
     check_int("n", n, low=1)
     if concurrency is None:
         concurrency = 2 * sum(h.spec.max_num_seqs for h in router.workers.values() if h.alive)
@@ -168,10 +157,6 @@ def replay(router, policy_names, n: int = 40, seed: int = 0, max_new_tokens: int
     client's (:attr:`Response.client_ttft_s`: network and router queue included), TPOT the
     engine's; goodput counts the requests within both SLOs, per second of the policy's runs.
     """
-    import time
-
-    from .simulate import percentile
-
     if isinstance(policy_names, (str, bytes)) or not hasattr(policy_names, "__iter__"):
         check_str_list("policy_names", policy_names)   # refused: a bare string is not a list
     policies = [_policy(p) for p in policy_names]   # every name checked before a request is sent
