@@ -10,17 +10,16 @@
   (ITL, TTFT with the transfer, goodput under an SLO).
 """
 
+from .ranks import recv_bytes, serve_on_ranks
+from .timeline import (Arrival, CostModel, ScheduleOnlyLM, Served, Timeline, draw_timeline, long_prompt_trace,
+                       percentile, run_colocated, run_disaggregated)
 from .transfer import (KVLayout, KVLayoutMismatch, KVTransfer, ModelVersionMismatch, TransferTimeout,
                        check_layout, check_version, kv_transfer_bytes, open_transfer, pack_kv,
                        seal_transfer, unpack_kv)
 from .workers import DecodeWorker, PrefillWorker, model_fingerprint, resume_transfer
 
-__all__ = ["DecodeWorker", "KVLayout", "KVLayoutMismatch", "KVTransfer", "ModelVersionMismatch",
-           "PrefillWorker", "TransferTimeout", "check_layout", "check_version", "kv_transfer_bytes",
-           "model_fingerprint", "open_transfer", "pack_kv", "resume_transfer", "seal_transfer",
-           "unpack_kv"]
-from .timeline import (Arrival, CostModel, ScheduleOnlyLM, Served, Timeline, draw_timeline, long_prompt_trace,
-                       percentile, run_colocated, run_disaggregated)
-
-__all__ += ["Arrival", "CostModel", "ScheduleOnlyLM", "Served", "Timeline", "draw_timeline", "long_prompt_trace",
-            "percentile", "run_colocated", "run_disaggregated"]
+__all__ = ["Arrival", "CostModel", "DecodeWorker", "KVLayout", "KVLayoutMismatch", "KVTransfer",
+           "ModelVersionMismatch", "PrefillWorker", "ScheduleOnlyLM", "Served", "Timeline", "TransferTimeout",
+           "check_layout", "check_version", "draw_timeline", "kv_transfer_bytes", "long_prompt_trace",
+           "model_fingerprint", "open_transfer", "pack_kv", "percentile", "recv_bytes", "resume_transfer",
+           "run_colocated", "run_disaggregated", "seal_transfer", "serve_on_ranks", "unpack_kv"]
