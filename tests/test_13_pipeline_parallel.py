@@ -15,7 +15,7 @@ from lessons_lib.parallel.pipeline import (Action, PipelineStageModule, StageAda
                                            split_microbatches)
 from lessons_lib.parallel.pipeline.p2p import decode_header, encode_header
 from lessons_lib.parallel.pipeline.bubble import measure_idle_fraction
-from lessons_lib.viz.pipeline import MODES, PipelineBubbleWidget, bubble_text, gantt_data
+from lessons_lib.viz.pipeline import PipelineBubbleWidget, bubble_text, gantt_data
 
 pytestmark = pytest.mark.lesson13
 ATOL = 1e-5
@@ -64,20 +64,21 @@ def test_gpipe_forward_grid_is_the_staircase():
 
 @pytest.mark.parametrize("p, m", [(1, 1), (2, 1), (2, 5), (3, 4), (4, 8), (5, 3)])
 def test_timeline_bubble_matches_the_formula_for_every_schedule(p, m):
-    for schedule in (gpipe(p, m), gpipe(p, m, backward=True), one_f_one_b(p, m)):
+    for schedule in (gpipe(p, m), gpipe(p, m, backward=True), one_f_one_b(p, m),
+                     one_f_one_b(p, m, backward=True)):
         assert schedule.bubble_fraction() == pytest.approx(bubble_formula(p, m))
     assert gpipe(p, m).makespan() == m + p - 1
 
 
 def test_1f1b_holds_fewer_activations_than_gpipe_and_forward_only_1f1b_is_gpipe():
     p, m = 4, 8
-    assert one_f_one_b(p, m).peak_in_flight() == [4, 3, 2, 1]
+    assert one_f_one_b(p, m, backward=True).peak_in_flight() == [4, 3, 2, 1]
     assert gpipe(p, m, backward=True).peak_in_flight() == [8] * 4
     assert one_f_one_b(p, m, backward=False).orders == gpipe(p, m).orders
 
 
 def test_1f1b_order_on_the_first_stage():
-    order = [str(a) for a in one_f_one_b(3, 4).orders[0]]
+    order = [str(a) for a in one_f_one_b(3, 4, backward=True).orders[0]]
     assert order == ["F0", "F1", "F2", "B0", "F3", "B1", "B2", "B3"]
 
 
@@ -261,13 +262,16 @@ def test_torch_pipelining_agrees_for_fixed_shapes_and_goes_stale_when_they_chang
 
 # -- the bubble widget ------------------------------------------------------------------
 def test_gantt_data_has_one_bar_per_action_and_the_bubble():
-    data = gantt_data(3, 4, "1F1B, training (one F, one B)")
+    data = gantt_data(3, 4, "1f1b", backward=True)
     assert len(data["bars"]) == 3 * 4 * 2
     assert data["makespan"] == 2 * (4 + 3 - 1)
     assert data["bubble"] == pytest.approx(2 / 6)
     assert "2/6 = 0.333" in bubble_text(data)
-    with pytest.raises(ValueError, match="mode=.* is not valid: expected one of"):
+    assert data["title"] == "1F1B, training (one F, one B)"
+    with pytest.raises(ValueError, match="schedule='zero bubble' is not valid: expected one of"):
         gantt_data(2, 2, "zero bubble")
+    with pytest.raises(ValueError, match="backward='yes' is not valid"):
+        gantt_data(2, 2, "gpipe", backward="yes")
 
 
 def test_widget_callbacks_redraw_on_every_control():
@@ -279,8 +283,9 @@ def test_widget_callbacks_redraw_on_every_control():
     assert "3/15 = 0.200" in w.bubble.value and len(w.data["bars"]) == 48
     w.stages.value = 2
     assert "1/13 = 0.077" in w.bubble.value
-    w.schedule.value = list(MODES)[2]
-    assert w.data["mode"] == list(MODES)[2] and "activations held by a stage: 2" in w.bubble.value
+    w.schedule.value = ("1f1b", True)
+    assert (w.data["schedule"], w.data["backward"]) == ("1f1b", True)
+    assert "activations held by a stage: 2" in w.bubble.value
     assert w.figure.axes[0].get_title().startswith("1F1B")   # the chart was redrawn too
 
 

@@ -160,11 +160,11 @@ def test_ring_step_slider_follows_p():
     assert w.step_slider.max == 4 and w.step_slider.value == 4 and w.frame["step"] == 4
 
 
-@pytest.mark.parametrize("mode", ["GPipe, inference (forward only)", "1F1B, training (one F, one B)"])
-def test_pipeline_block_labels_fit_their_blocks_at_m16(mode):
+@pytest.mark.parametrize("schedule, backward", [("gpipe", False), ("1f1b", True)])
+def test_pipeline_block_labels_fit_their_blocks_at_m16(schedule, backward):
     from lessons_lib.viz.pipeline import PipelineBubbleWidget, draw_gantt, gantt_data
 
-    fig = draw_gantt(gantt_data(8, 16, mode))
+    fig = draw_gantt(gantt_data(8, 16, schedule, backward=backward))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(fig).get_renderer()
     ax = fig.axes[0]

@@ -13,35 +13,39 @@ from __future__ import annotations
 from ..parallel.pipeline.schedule import bubble_formula, make_schedule
 from ..validate import check_choice, check_int
 
-# Dropdown label -> (schedule name, with backward?)
-MODES = {
-    "GPipe, inference (forward only)": ("gpipe", False),
-    "GPipe, training (all F, then all B)": ("gpipe", True),
-    "1F1B, training (one F, one B)": ("1f1b", True),
-}
+# The schedules the widget offers, as (schedule name, with backward?) values.
+CHOICES = (("gpipe", False), ("gpipe", True), ("1f1b", True))
 COLORS = {"F": "#4C72B0", "B": "#DD8452"}
 
 
-def gantt_data(n_stages: int, n_microbatches: int, mode: str = "GPipe, inference (forward only)") -> dict:
-    """Bars and numbers of one schedule, unit cost per action.
+def schedule_title(schedule: str, backward: bool) -> str:
+    """How a chart and the dropdown name a schedule, e.g. ``1F1B, training (one F, one B)``."""
+    name = {"gpipe": "GPipe", "1f1b": "1F1B"}[schedule]
+    if not backward:
+        return f"{name}, inference (forward only)"
+    return f"{name}, training " + ("(all F, then all B)" if schedule == "gpipe" else "(one F, one B)")
+
+
+def gantt_data(n_stages: int, n_microbatches: int, schedule: str = "gpipe", *, backward: bool = False) -> dict:
+    """Bars and numbers of one schedule (as :func:`make_schedule` names it), unit cost per action.
 
     Returns ``{"bars": [(stage, start, duration, label, kind), ...], "makespan", "bubble",
-    "formula", "peak_in_flight", "n_stages", "n_microbatches", "mode"}``.
+    "formula", "peak_in_flight", "n_stages", "n_microbatches", "schedule", "backward", "title"}``.
     """
-    check_choice("mode", mode, MODES)
     check_int("n_stages", n_stages, low=1)
     check_int("n_microbatches", n_microbatches, low=1)
-    name, backward = MODES[mode]
-    schedule = make_schedule(name, n_stages, n_microbatches, backward=backward)
-    slots = schedule.timeline()
+    check_choice("backward", backward, (False, True))
+    plan = make_schedule(schedule, n_stages, n_microbatches, backward=bool(backward))
+    slots = plan.timeline()
     return {
         "bars": [(sl.action.stage, sl.start, sl.end - sl.start, str(sl.action), sl.action.kind)
                  for sl in slots],
         "makespan": max(sl.end for sl in slots),
-        "bubble": schedule.bubble_fraction(),
+        "bubble": plan.bubble_fraction(),
         "formula": bubble_formula(n_stages, n_microbatches),
-        "peak_in_flight": schedule.peak_in_flight(),
-        "n_stages": n_stages, "n_microbatches": n_microbatches, "mode": mode,
+        "peak_in_flight": plan.peak_in_flight(),
+        "n_stages": n_stages, "n_microbatches": n_microbatches,
+        "schedule": schedule, "backward": bool(backward), "title": schedule_title(schedule, bool(backward)),
     }
 
 
@@ -101,7 +105,7 @@ def draw_gantt(data: dict, max_microbatches: int = 16):
     ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
     ax.set_xlabel("time (one unit = one stage's work on one micro-batch)")
     ax.set_facecolor("#eeeeee")   # the grey that shows through is the bubble
-    ax.set_title(f"{data['mode']}: bubble {data['bubble']:.3f}")
+    ax.set_title(f"{data['title']}: bubble {data['bubble']:.3f}")
     ms = list(range(1, max(max_microbatches, m) + 1))
     ax2.plot(ms, [bubble_formula(p, k) for k in ms], color="grey", label="(p-1)/(m+p-1)")
     ax2.plot([m], [data["bubble"]], "o", color="#C44E52", label=f"this schedule, m={m}")
@@ -133,8 +137,8 @@ def show_figure(fig) -> None:
 class PipelineBubbleWidget:
     """Sliders for stages and micro-batches, a schedule dropdown, the chart and the numbers."""
 
-    def __init__(self, n_stages: int = 4, n_microbatches: int = 4,
-                 mode: str = "GPipe, inference (forward only)") -> None:
+    def __init__(self, n_stages: int = 4, n_microbatches: int = 4, schedule: str = "gpipe",
+                 backward: bool = False) -> None:
         import ipywidgets as widgets
 
         from .static import FallbackBox
@@ -144,7 +148,9 @@ class PipelineBubbleWidget:
         self.stages = widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p", **label)
         self.microbatches = widgets.IntSlider(value=n_microbatches, min=1, max=16,
                                               description="micro-batches m", **label)
-        self.schedule = widgets.Dropdown(options=list(MODES), value=mode, description="schedule",
+        check_choice("schedule, backward", (schedule, backward), CHOICES)
+        self.schedule = widgets.Dropdown(options=[(schedule_title(*c), c) for c in CHOICES],
+                                         value=(schedule, backward), description="schedule",
                                          layout=widgets.Layout(width="420px"))
         self.bubble = widgets.HTML()
         self.output = widgets.Output()
@@ -162,7 +168,8 @@ class PipelineBubbleWidget:
         self.update()
 
     def update(self) -> None:
-        self.data = gantt_data(self.stages.value, self.microbatches.value, self.schedule.value)
+        schedule, backward = self.schedule.value
+        self.data = gantt_data(self.stages.value, self.microbatches.value, schedule, backward=backward)
         self.bubble.value = f"<span class='pipeline-bubble'>{bubble_text(self.data)}</span>"
         self.figure = draw_gantt(self.data)
         with self.output:

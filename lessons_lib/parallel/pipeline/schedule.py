@@ -138,8 +138,8 @@ class Schedule:
         return peaks
 
 
-def gpipe(n_stages: int, n_microbatches: int, backward: bool = False) -> Schedule:
-    """GPipe: all forwards, then (if ``backward``) all backwards, on every stage."""
+def gpipe(n_stages: int, n_microbatches: int, *, backward: bool = False) -> Schedule:
+    """GPipe: all forwards, then (with ``backward``, as in training) all backwards, on every stage."""
     _check_sizes(n_stages, n_microbatches)
     orders = []
     for s in range(n_stages):
@@ -150,9 +150,10 @@ def gpipe(n_stages: int, n_microbatches: int, backward: bool = False) -> Schedul
     return Schedule("gpipe", n_stages, n_microbatches, tuple(orders))
 
 
-def one_f_one_b(n_stages: int, n_microbatches: int, backward: bool = True) -> Schedule:
-    """1F1B: ``p - 1 - s`` warm-up forwards, then one forward / one backward, then the rest
-    of the backwards. Forward-only (``backward=False``) it is the GPipe order."""
+def one_f_one_b(n_stages: int, n_microbatches: int, *, backward: bool = False) -> Schedule:
+    """1F1B: ``p - 1 - s`` warm-up forwards, then (with ``backward``, as in training) one forward /
+    one backward, then the rest of the backwards. Forward-only, the default as for every schedule
+    here, it is the GPipe order."""
     _check_sizes(n_stages, n_microbatches)
     orders = []
     for s in range(n_stages):
@@ -171,10 +172,10 @@ def one_f_one_b(n_stages: int, n_microbatches: int, backward: bool = True) -> Sc
     return Schedule("1f1b", n_stages, n_microbatches, tuple(orders))
 
 
-def make_schedule(name: str, n_stages: int, n_microbatches: int, backward: bool = False) -> Schedule:
+def make_schedule(name: str, n_stages: int, n_microbatches: int, *, backward: bool = False) -> Schedule:
     """Build a schedule by name: 'gpipe' or '1f1b'."""
     check_choice("schedule", name, SCHEDULES)
-    return (gpipe if name == "gpipe" else one_f_one_b)(n_stages, n_microbatches, backward)
+    return (gpipe if name == "gpipe" else one_f_one_b)(n_stages, n_microbatches, backward=backward)
 
 
 def bubble_formula(n_stages: int, n_microbatches: int) -> float:
