@@ -54,7 +54,7 @@ def check_sequence_split(seq_len: int, tp: int) -> int:
         up = -(-seq_len // tp) * tp
         raise bad("sequence length", seq_len, f"a multiple of tp={tp}",
                   f"sequence parallelism gives every rank seq/tp tokens; pad the prompt to {up} "
-                  "tokens, or run this step under plain TP (a one-token decode step cannot be split)")
+                  "tokens, or run this step under plain TP, as a one-token decode step must")
     return seq_len // tp
 
 
