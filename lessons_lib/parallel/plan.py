@@ -8,11 +8,17 @@ submodule name (``*`` matches any one name component, e.g. any layer index) to a
             "lm_head": "vocab_head"}
     parallelize(model, plan, group)     # swaps those submodules in place, keeps the trained weights
 
-A style is a string (``"colwise"``, ``"rowwise"``, ``"vocab"``, ``"vocab_head"``) or a
-:class:`Colwise` / :class:`Rowwise` object that says how features are grouped (whole attention
-heads) and what they are called in errors (``tp=3 does not divide n_heads=4: choose ...``).
-Any model whose ``nn.Linear``/``nn.Embedding`` submodules play these roles can be parallelised;
-:func:`tiny_lm_tp_plan` is the plan for the course's tiny LM.
+A style is a string (``"colwise"``, ``"rowwise"``, ``"vocab"``, ``"vocab_head"``,
+``"sequence_parallel"``, ``"local_count"``) or a :class:`Colwise` / :class:`Rowwise` object that
+says how features are grouped (whole attention heads) and what they are called in errors
+(``tp=3 does not divide n_heads=4: choose ...``). Any model whose ``nn.Linear``/``nn.Embedding``
+submodules play these roles can be parallelised; :func:`tiny_lm_tp_plan` is the plan for the
+course's tiny LM and :func:`tiny_lm_sp_plan` the same with sequence parallelism (:mod:`.sequence`).
+
+A model that keeps its head counts as attributes (``self.n_heads``, as nanoGPT, gpt-fast and most
+model libraries do) needs them changed on every rank too: an entry naming an int attribute with
+style :class:`LocalCount` sets it to this rank's share, as gpt-fast's ``tp.py`` sets ``n_head`` and
+``n_local_heads`` by hand. The tiny LM reads its head counts off tensor shapes and needs none.
 
 Every entry is checked (does it match a submodule of the right type, does tp divide its size)
 before the first module is swapped, so a bad plan leaves the model untouched.
@@ -28,6 +34,7 @@ import torch.nn as nn
 
 from ..model import ModelConfig
 from ..validate import bad, check_int
+from .sequence import SequenceParallelEmbedding, SequenceParallelNorm, SequenceParallelRowLinear
 from .tensor import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                      VocabParallelEmbedding, group_size, shard_indices)
 
@@ -46,16 +53,21 @@ class Colwise:
 
 @dataclass(frozen=True)
 class Rowwise:
-    """Split an ``nn.Linear`` by input features, in blocks of ``unit``; all-reduce the output."""
+    """Split an ``nn.Linear`` by input features, in blocks of ``unit``; all-reduce the output.
+
+    ``sequence_parallel=True``: reduce-scatter the output along the sequence instead (SP).
+    """
     unit: int = 1
     name: str | None = None
     input_is_parallel: bool = True
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
 class Vocab:
-    """Split an ``nn.Embedding`` by vocabulary rows."""
+    """Split an ``nn.Embedding`` by vocabulary rows (``sequence_parallel``: reduce-scatter by tokens)."""
     name: str = "vocab_size"
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,25 @@ class VocabHead:
     name: str = "vocab_size"
 
 
-STYLES = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab(), "vocab_head": VocabHead()}
-_KIND = {Colwise: nn.Linear, Rowwise: nn.Linear, Vocab: nn.Embedding, VocabHead: nn.Linear}
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Run a token-wise module (a norm) on this rank's tokens and all-gather its output (SP)."""
+
+
+@dataclass(frozen=True)
+class LocalCount:
+    """An int attribute counting what the split divides (heads): set to this rank's share.
+
+    The entry names the attribute (``"layers.*.attn.n_heads"``). ``replicate=True``: as for KV heads,
+    ``tp`` may be a multiple of the count and each rank then holds one.
+    """
+    replicate: bool = False
+
+
+STYLES = {"colwise": Colwise(), "rowwise": Rowwise(), "vocab": Vocab(), "vocab_head": VocabHead(),
+          "sequence_parallel": SequenceParallel(), "local_count": LocalCount()}
+_KIND = {Colwise: nn.Linear, Rowwise: nn.Linear, Vocab: nn.Embedding, VocabHead: nn.Linear,
+         SequenceParallel: nn.Module}
 
 
 def tiny_lm_tp_plan(config=None) -> dict:
@@ -90,6 +119,22 @@ def tiny_lm_tp_plan(config=None) -> dict:
         "layers.*.mlp.down_proj": Rowwise(name="ffn_dim"),
         "lm_head": VocabHead(),
     }
+
+
+def tiny_lm_sp_plan(config=None) -> dict:
+    """:func:`tiny_lm_tp_plan` with sequence parallelism: the residual stream and the norms split by tokens.
+
+    Every norm runs on this rank's tokens and all-gathers (before the column-parallel layers);
+    o_proj, down_proj and the embedding reduce-scatter along the sequence instead of all-reducing.
+    The sequence length must be a multiple of tp (see :mod:`.sequence`).
+    """
+    plan = tiny_lm_tp_plan(config)
+    for name in ("layers.*.attn.o_proj", "layers.*.mlp.down_proj"):
+        plan[name] = Rowwise(unit=plan[name].unit, name=plan[name].name, sequence_parallel=True)
+    plan["embed"] = Vocab(sequence_parallel=True)
+    for name in ("layers.*.attn_norm", "layers.*.mlp_norm", "norm"):
+        plan[name] = SequenceParallel()
+    return plan
 
 
 def torch_tp_plan(model: nn.Module) -> dict:
@@ -140,9 +185,9 @@ def _resolve(style, entry: str):
             raise ValueError(f"plan entry {entry!r}: unknown style {style!r}; choose one of "
                              f"{sorted(STYLES)} or a Colwise/Rowwise/Vocab/VocabHead object")
         return STYLES[style]
-    if type(style) not in _KIND:
+    if type(style) not in _KIND and not isinstance(style, LocalCount):
         raise TypeError(f"plan entry {entry!r}: style must be a string or a Colwise/Rowwise/Vocab/"
-                        f"VocabHead object, got {type(style).__name__}")
+                        f"VocabHead/SequenceParallel/LocalCount object, got {type(style).__name__}")
     return style
 
 
@@ -152,10 +197,14 @@ def _build(module: nn.Module, style, group):
                                                 unit=style.unit, name=style.name,
                                                 replicate=style.replicate)
     if isinstance(style, Rowwise):
-        return RowParallelLinear.from_linear(module, group, input_is_parallel=style.input_is_parallel,
-                                             unit=style.unit, name=style.name)
+        cls = SequenceParallelRowLinear if style.sequence_parallel else RowParallelLinear
+        return cls.from_linear(module, group, input_is_parallel=style.input_is_parallel,
+                               unit=style.unit, name=style.name)
     if isinstance(style, Vocab):
-        return VocabParallelEmbedding.from_embedding(module, group, name=style.name)
+        cls = SequenceParallelEmbedding if style.sequence_parallel else VocabParallelEmbedding
+        return cls.from_embedding(module, group, name=style.name)
+    if isinstance(style, SequenceParallel):
+        return SequenceParallelNorm(module, group)
     return ParallelLMHead.from_linear(module, group, name=style.name)
 
 
@@ -167,6 +216,8 @@ def _check_divides(module: nn.Module, style, tp: int, qualified: str) -> None:
         size, unit, name, rep = module.in_features, style.unit, style.name, False
     elif isinstance(style, Vocab):
         size, unit, name, rep = module.num_embeddings, 1, style.name, False
+    elif isinstance(style, SequenceParallel):
+        return                      # the sequence length is known only when the model runs
     else:
         size, unit, name, rep = module.out_features, 1, style.name, False
     try:
@@ -175,37 +226,69 @@ def _check_divides(module: nn.Module, style, tp: int, qualified: str) -> None:
         raise type(e)(f"{qualified}: {e}") from None
 
 
+def _count_targets(model: nn.Module, modules: dict, entry: str, style: LocalCount, tp: int) -> list:
+    """(module, attribute, this rank's count) for a :class:`LocalCount` entry, checked."""
+    parent, _, attr = entry.rpartition(".")
+    owners = [model] if not parent else [m for n, m in modules.items() if n and _matches(parent, n)]
+    owners = [m for m in owners if hasattr(m, attr)]
+    targets = []
+    for owner in owners:
+        value = getattr(owner, attr)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"plan entry {entry!r}: {type(owner).__name__}.{attr} is "
+                            f"{value!r}, but style LocalCount needs an int count")
+        try:
+            # Rank 0's share has the size of every rank's share (whole blocks, or one replica).
+            local = shard_indices(value, tp, 0, name=attr, replicate=style.replicate)
+        except ValueError as e:
+            raise type(e)(f"{entry}: {e}") from None
+        targets.append((owner, attr, len(local)))
+    return targets
+
+
 def parallelize(model: nn.Module, plan: dict, group=None, *, strict: bool = True) -> nn.Module:
     """Swap the submodules named in ``plan`` for their tensor-parallel shards, in place.
 
     ``group`` is the TP process group (``None``: the whole world). Every rank of the group must
-    call this with the same plan on the same weights; each keeps only its shard.
+    call this with the same plan on the same weights; each keeps only its shard. An entry with
+    style :class:`LocalCount` names an int attribute (``"layers.*.attn.n_heads"``) and sets it to
+    this rank's share of the count.
 
     ``strict=False`` skips entries that match no submodule: a pipeline stage holding only some of
     a model's layers (no ``embed`` on a middle stage) uses the whole model's plan that way. With
     ``strict=True`` such an entry is a ``ValueError`` listing the close and the valid names.
-    Returns ``model``.
+    Every entry is checked before the first module is swapped or attribute set. Returns ``model``.
     """
     if not isinstance(plan, dict) or not plan:
         raise bad("plan", plan, "a non-empty dict {submodule name: style}")
     tp = group_size(group)
     modules = dict(model.named_modules())
-    swaps = []
+    swaps, counts = [], []
     for entry, style in plan.items():
         style = _resolve(style, entry)
-        names = [n for n in modules if n and _matches(entry, n)]
+        if isinstance(style, LocalCount):
+            names = _count_targets(model, modules, entry, style, tp)
+            counts += names
+        else:
+            names = [n for n in modules if n and _matches(entry, n)]
         if not names:
             if not strict:
                 continue
+            if isinstance(style, LocalCount):
+                raise ValueError(f"plan entry {entry!r} names no attribute of {type(model).__name__}'s "
+                                 "submodules; a LocalCount entry is a submodule path and an int "
+                                 "attribute, e.g. 'layers.*.attn.n_heads'")
             valid = sorted({_generic(n) for n, m in modules.items()
                             if isinstance(m, (nn.Linear, nn.Embedding))})
             close = difflib.get_close_matches(entry, valid, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise ValueError(f"plan entry {entry!r} matches no submodule of "
                              f"{type(model).__name__}; {hint}valid names: {', '.join(valid)}")
+        if isinstance(style, LocalCount):
+            continue
         for name in names:
             module, kind = modules[name], _KIND[type(style)]
-            if type(module) is not kind:
+            if type(module) is not kind and kind is not nn.Module:
                 raise TypeError(f"plan entry {entry!r}: {name} is a {type(module).__name__}, "
                                 f"but style {type(style).__name__} needs an nn.{kind.__name__}")
             _check_divides(module, style, tp, name)
@@ -213,6 +296,8 @@ def parallelize(model: nn.Module, plan: dict, group=None, *, strict: bool = True
     for name, module, style in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, _build(module, style, group))
+    for owner, attr, local in counts:
+        setattr(owner, attr, local)
     return model
 
 
@@ -228,5 +313,5 @@ def describe_shards(model: nn.Module) -> list[tuple[str, str, tuple, tuple]]:
     return rows
 
 
-__all__ = ["Colwise", "Rowwise", "Vocab", "VocabHead", "STYLES", "describe_shards", "parallelize",
-           "tiny_lm_tp_plan", "validate_tp"]
+__all__ = ["Colwise", "LocalCount", "Rowwise", "SequenceParallel", "Vocab", "VocabHead", "STYLES",
+           "describe_shards", "parallelize", "tiny_lm_sp_plan", "tiny_lm_tp_plan", "validate_tp"]
