@@ -164,18 +164,22 @@ def bus_bandwidth(n_bytes: float, seconds: float, p: int) -> float:
 _FROM_SEND_RECV = {"ring": ring_all_reduce, "one_shot": one_shot_all_reduce, "two_shot": two_shot_all_reduce}
 
 
-def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo") -> list[float]:
+def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo", *,
+                    warmup: int = 1) -> list[float]:
     """Run on every rank: median seconds of an all-reduce of each size (the slowest rank's view).
 
     ``impl`` is ``"gloo"`` (``dist.all_reduce``) or one of this course's all-reduces built
     from send/recv: ``"ring"``, ``"one_shot"``, ``"two_shot"``
     (:mod:`lessons_lib.comm.collectives`). Each timing starts after a
     barrier, so all ranks begin together; the maximum over ranks is taken, because an
-    all-reduce is done only when the last rank is done.
+    all-reduce is done only when the last rank is done. ``warmup`` untimed runs of each size
+    come first (the first messages between two ranks pay for setting up their connection);
+    ``warmup=0`` suits a size timed after smaller ones have warmed the same connections.
     """
 
     check_choice("impl", impl, ("gloo",) + ALL_REDUCE_ALGORITHMS)
     check_int("repeats", repeats, low=1)
+    check_int("warmup", warmup, low=0)
     if isinstance(sizes_bytes, (str, bytes)) or not hasattr(sizes_bytes, "__iter__"):
         raise bad("sizes_bytes", sizes_bytes, "a list of message sizes in bytes")
     for i, n_bytes in enumerate(sizes_bytes):
@@ -184,7 +188,7 @@ def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo"
     for n_bytes in sizes_bytes:
         t = torch.ones(max(1, n_bytes // 4))
         times = []
-        for i in range(repeats + 1):   # the first run is a warm-up
+        for i in range(warmup + repeats):
             dist.barrier()
             start = time.perf_counter()
             if impl == "gloo":
@@ -193,7 +197,7 @@ def time_all_reduce(sizes_bytes: list[int], repeats: int = 5, impl: str = "gloo"
                 _FROM_SEND_RECV[impl](t, check=False)
             elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if i:
+            if i >= warmup:
                 times.append(elapsed.item())
         results.append(statistics.median(times))
     return results
