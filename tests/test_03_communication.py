@@ -1,15 +1,18 @@
-"""Lesson 03: collectives from send/recv equal torch's, byte counts, schedules, bad inputs,
-the deadlock and its fixes, the cost model, the ring widget."""
+"""Lesson 03: collectives from send/recv equal torch's (ring, one-shot, two-shot, tree), byte
+counts, schedules, bad inputs, the deadlock and its fixes, the cost model, the ring widget."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from lessons_lib import DistributedError, run_distributed
-from lessons_lib.comm import (bytes_sent, chunk_bounds, ring_all_gather, ring_all_reduce,
-                              ring_reduce_scatter, ring_schedule, simulate_ring, tree_broadcast,
-                              tree_broadcast_schedule)
-from lessons_lib.comm.cost_model import (bus_bandwidth, fit_alpha_beta, predict_ring_all_reduce)
+from lessons_lib.comm import (bytes_sent, chunk_bounds, one_shot_all_reduce, one_shot_schedule,
+                              ring_all_gather, ring_all_reduce, ring_reduce_scatter, ring_schedule,
+                              simulate_ring, tree_broadcast, tree_broadcast_schedule, two_shot_all_reduce,
+                              two_shot_schedule)
+from lessons_lib.comm.cost_model import (all_reduce_terms, bus_bandwidth, crossover_bytes,
+                                         fastest_all_reduce, fit_alpha_beta, predict_all_reduce,
+                                         predict_ring_all_reduce)
 from lessons_lib.comm.deadlock import exchange_batched, exchange_by_parity, exchange_send_first
 
 pytestmark = pytest.mark.lesson03
@@ -54,6 +57,23 @@ def test_byte_counts_follow_the_formula(n, p):
         assert per_rank == [2 * (p - 1) * n // p * 4] * p
     rs = bytes_sent(ring_schedule(p, "reduce_scatter"), n, p, 4)
     assert sum(rs) == (p - 1) * n * 4
+
+
+@pytest.mark.parametrize("n, p", [(12, 4), (13, 4), (2, 4), (13, 3), (1000, 2)])
+def test_direct_all_reduces_send_the_formula_bytes(n, p):
+    one = one_shot_schedule(p)
+    assert len(one) == 1 and len(one[0]) == p * (p - 1)           # everyone to everyone, once
+    assert bytes_sent(one, n, p, 4) == [(p - 1) * n * 4] * p
+    two = two_shot_schedule(p)
+    assert len(two) == 2 and all(len(step) == p * (p - 1) for step in two)
+    # reduce-scatter: rank r receives chunk r from everyone; all-gather: rank r sends chunk r
+    assert all(t.chunk == t.dst and t.op == "reduce" for t in two[0])
+    assert all(t.chunk == t.src and t.op == "copy" for t in two[1])
+    per_rank = bytes_sent(two, n, p, 4)
+    assert sum(per_rank) == sum(bytes_sent(ring_schedule(p), n, p, 4)) == 2 * (p - 1) * n * 4
+    if n % p == 0:
+        assert per_rank == [2 * (p - 1) * n // p * 4] * p
+    assert one_shot_schedule(1) == two_shot_schedule(1) == []
 
 
 def test_chunk_bounds_are_tensor_split_sizes():
@@ -124,12 +144,19 @@ def _compare_with_torch(sizes):
         else:            # otherwise the oracle is torch's all-reduce, sliced
             rs_ok = torch.allclose(out, ref[start:stop], atol=1e-5)
             ag_ok = torch.equal(gathered[start:stop], x[start:stop])   # full check: _full_gather_check
+        direct = {}
+        for name, fn in (("one_shot", one_shot_all_reduce), ("two_shot", two_shot_all_reduce)):
+            y, y_int = x.clone(), torch.arange(n, dtype=torch.int64) * (rank + 1)
+            sent = fn(y)
+            fn(y_int)
+            direct[name] = dict(ok=torch.allclose(y, ref, atol=1e-5) and torch.equal(y_int, ints_ref),
+                                values=y.tolist(), sent=sent)
         b = torch.randn(n, generator=g) if rank == 1 else torch.zeros(n)
         b_ref = b.clone()
         sent_bc = tree_broadcast(b, src=1)
         dist.broadcast(b_ref, src=1)
         report.append(dict(n=n, ar=torch.allclose(mine, ref, atol=1e-5), ar_int=torch.equal(ints, ints_ref),
-                           rs=rs_ok, ag=ag_ok, bc=torch.equal(b, b_ref),
+                           rs=rs_ok, ag=ag_ok, bc=torch.equal(b, b_ref), direct=direct,
                            sent=(sent_ar, sent_rs, sent_ag, sent_bc)))
     return report
 
@@ -160,6 +187,10 @@ def test_collectives_equal_torch_and_count_bytes(p):
     _check_collectives(p)
 
 
+def item_index(report, item):
+    return next(i for i, other in enumerate(report) if other is item)
+
+
 def _check_collectives(p):
     reports = run_distributed(_compare_with_torch, p, SIZES, timeout=60)
     for rank, report in enumerate(reports):
@@ -173,6 +204,12 @@ def _check_collectives(p):
             if n % p == 0:
                 assert item["sent"][0] == 2 * (p - 1) * n // p * 4
                 assert item["sent"][1] == item["sent"][2] == (p - 1) * n // p * 4
+            for name, schedule in (("one_shot", one_shot_schedule(p)), ("two_shot", two_shot_schedule(p))):
+                result = item["direct"][name]
+                assert result["ok"], (rank, name, n)
+                assert result["sent"] == bytes_sent(schedule, n, p, 4)[rank], (rank, name, n)
+                # every rank adds in rank order: the same floats, bit for bit, everywhere
+                assert result["values"] == reports[0][item_index(report, item)]["direct"][name]["values"]
     assert all(run_distributed(_full_gather_check, p, 13, timeout=60))
 
 
@@ -191,6 +228,10 @@ def _bad_input(case):
             ring_all_reduce(t.t() if rank == 1 else t)
         elif case == "not_tensor":
             ring_all_reduce([1.0] * 4 if rank == 0 else torch.ones(4))
+        elif case == "one_shot_sizes":
+            one_shot_all_reduce(torch.ones(4 + rank))
+        elif case == "two_shot_dtypes":
+            two_shot_all_reduce(torch.ones(4, dtype=torch.float32 if rank == 0 else torch.float64))
         elif case == "chunk":
             ring_reduce_scatter(torch.empty(5), torch.ones(4))
         elif case == "group":
@@ -210,6 +251,9 @@ def _bad_input(case):
                "rank 1 has tensor.dtype=torch.float64"),
     ("strided", "BadArgument: tensor on rank 1 is not contiguous"),
     ("not_tensor", "BadArgument: tensor on rank 0 is not valid: expected a torch.Tensor (got a list)"),
+    ("one_shot_sizes", "RanksDisagree: tensor.numel() differs across ranks: rank 0 has tensor.numel()=4, "
+                       "rank 1 has tensor.numel()=5"),
+    ("two_shot_dtypes", "RanksDisagree: tensor.dtype differs across ranks: rank 0 has tensor.dtype=torch.float32"),
     ("chunk", "BadArgument: output on rank 0 has 5 elements; rank 0 of 2 owns chunk 0 of input, which has 2"),
 ])
 def test_bad_inputs_raise_the_same_clear_error_on_every_rank(case, words):
@@ -238,6 +282,26 @@ def test_alpha_beta_fit_recovers_known_parameters():
     assert fit == pytest.approx((alpha, beta), rel=1e-6)
     with pytest.raises(ValueError, match="samples"):
         fit_alpha_beta(samples[:1])
+
+
+def test_all_reduce_cost_model_prices_steps_and_bytes():
+    alpha, beta, p = 50e-6, 1 / 2e9, 4
+    assert all_reduce_terms("ring", 1000, p) == (6, 1500)
+    assert all_reduce_terms("one_shot", 1000, p) == (1, 3000)
+    assert all_reduce_terms("two_shot", 1000, p) == (2, 1500)
+    assert predict_all_reduce("ring", 1 << 20, p, alpha, beta) == pytest.approx(
+        predict_ring_all_reduce(1 << 20, p, alpha, beta))
+    assert fastest_all_reduce(16 << 10, p, alpha, beta) == "one_shot"       # latency-bound
+    assert fastest_all_reduce(16 << 20, p, alpha, beta) == "two_shot"       # bandwidth-bound
+    assert fastest_all_reduce(16 << 20, 2, alpha, beta) == "one_shot"       # p = 2: same bytes, fewer steps
+    n = crossover_bytes("one_shot", "ring", p, alpha, beta)
+    assert predict_all_reduce("one_shot", n, p, alpha, beta) == pytest.approx(predict_all_reduce("ring", n, p, alpha, beta))
+    assert n == pytest.approx(5 * alpha / (1.5 * beta))                      # (2p-3) alpha = (p-1)(p-2)/p n beta
+    assert crossover_bytes("two_shot", "ring", p, alpha, beta) is None       # same bytes: never cross
+    with pytest.raises(ValueError, match="algorithm='tree' is not valid: expected one of 'ring'"):
+        predict_all_reduce("tree", 1, p, alpha, beta)
+    with pytest.raises(ValueError, match=r"^p=1 is not valid"):
+        all_reduce_terms("one_shot", 1, 1)
 
 
 def test_bus_bandwidth_is_nccl_tests_definition():

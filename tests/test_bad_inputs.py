@@ -16,8 +16,8 @@ from lessons_lib.caching import (BlockAllocator, KVBlockPool, ModelCache, PagedS
                                  blocks_needed, prefill)
 from lessons_lib.cluster.multinode import torchrun_command
 from lessons_lib.cluster.placement import check_plan, cross_node_bytes_per_token, place_ranks
-from lessons_lib.comm.cost_model import (bus_bandwidth, fit_alpha_beta, predict_ring_all_reduce,
-                                         ring_all_reduce_terms, time_all_reduce)
+from lessons_lib.comm.cost_model import (bus_bandwidth, crossover_bytes, fit_alpha_beta, predict_all_reduce,
+                                         predict_ring_all_reduce, ring_all_reduce_terms, time_all_reduce)
 from lessons_lib.memory import LLAMA2_70B, LLMShape, fits, kv_cache_bytes, memory_per_device
 from lessons_lib.model import (KVCache, LayerKVCache, ModelConfig, TinyLM, generate, kv_cache_bytes_per_token,
                                mean_nll, random_windows, sample_next_token)
@@ -171,6 +171,10 @@ CASES = [
     ("fit-negative-time", lambda: fit_alpha_beta([(1024, 2, 1e-5), (2048, 2, -1e-5)]),
      r"samples\[1\] seconds"),
     ("time-all-reduce-impl", lambda: time_all_reduce([1024], impl="nccl"), "impl"),
+    ("time-all-reduce-negative-warmup", lambda: time_all_reduce([1024], warmup=-1), "warmup"),
+    ("all-reduce-algorithm", lambda: predict_all_reduce("tree", 1024, 4, 1e-5, 1e-9), "algorithm"),
+    ("all-reduce-one-rank", lambda: predict_all_reduce("one_shot", 1024, 1, 1e-5, 1e-9), "p"),
+    ("crossover-beta-0", lambda: crossover_bytes("one_shot", "ring", 4, 1e-5, 0.0), "beta"),
     # -- caching ------------------------------------------------------------------------------------
     ("allocator-take-99", _take_99, "block"),
     ("allocator-free-a-free-block", _free_a_free_block, "block"),

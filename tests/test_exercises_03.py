@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
-from lessons_lib.comm import bytes_sent, ring_all_reduce, ring_schedule
+from lessons_lib.comm import bytes_sent, one_shot_all_reduce, ring_all_reduce, ring_schedule
 
 pytestmark = pytest.mark.lesson03
 
@@ -180,6 +180,10 @@ def doubling_with_the_ring(tensor):
     return 0
 
 
+def doubling_with_one_shot(tensor):
+    return one_shot_all_reduce(tensor)
+
+
 @pytest.mark.parametrize("answer, fragments", [
     (doubling_without_the_extra_rank, ["p=3, n=5 float32", "rank 0", "lacks the input of rank 2",
                                        "fold each extra rank"]),
@@ -200,6 +204,7 @@ def test_recursive_doubling_verdicts():
     assert_correct("03.recursive_doubling", doubling_right)
     assert_not_attempted("03.recursive_doubling", _stub)
     assert_refused("03.recursive_doubling", doubling_with_the_ring, "ring_all_reduce")
+    assert_refused("03.recursive_doubling", doubling_with_one_shot, "one_shot_all_reduce")
 
 
 # -- 03.kv_rotation (stretch) ------------------------------------------------------------------

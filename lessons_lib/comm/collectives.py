@@ -13,6 +13,8 @@ collective          steps                       bytes sent per rank
 ring all-reduce     ``2 (p - 1)``               ``2 (p - 1) / p * n``
 ring reduce-scatter ``p - 1``                   ``(p - 1) / p * n``
 ring all-gather     ``p - 1``                   ``(p - 1) / p * n``
+one-shot all-reduce ``1``                       ``(p - 1) n``
+two-shot all-reduce ``2``                       ``2 (p - 1) / p * n``
 tree broadcast      ``ceil(log2 p)``            ``n`` per child (root: ``ceil(log2 p) n``)
 ==================  ==========================  ==========================
 
@@ -33,7 +35,8 @@ import torch.distributed as dist
 from ..validate import BadArgument, check_int, check_tensor
 from .agree import describe, gather_across_ranks, require_same
 from .agree import group_ranks as _group_ranks
-from .schedule import Transfer, chunk_bounds, ring_schedule, tree_broadcast_schedule
+from .schedule import (WHOLE_TENSOR_PHASES, Transfer, chunk_bounds, one_shot_schedule, ring_schedule,
+                       tree_broadcast_schedule, two_shot_schedule)
 
 # dtypes gloo and NCCL can sum; bool is excluded on purpose (summing truth values is not addition).
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -138,6 +141,74 @@ def ring_all_reduce(tensor: torch.Tensor, group=None, *, check: bool = True) -> 
         check_inputs({"tensor": tensor}, group, same_numel=("tensor",), call="ring_all_reduce")
     _, p, _ = _group_ranks(group)
     return run_ring(tensor.view(-1), ring_schedule(p, "all_reduce"), group)
+
+
+def run_direct(flat: torch.Tensor, steps: list[list[Transfer]], group=None) -> int:
+    """Execute a direct schedule (one-shot, two-shot) in place on the 1-D ``flat``; return bytes sent.
+
+    In a direct schedule a rank talks to every other rank in the same step, not only to its
+    ring neighbours. It posts all its sends and receives of a step at once and waits for all
+    of them, so no order of posting can deadlock. Received copies of a chunk that is reduced
+    are added in rank order 0, 1, ..., p - 1, the same order on every rank, so every rank
+    ends with bitwise the same floats (vLLM's one-shot kernel keeps the order fixed for the
+    same reason).
+    """
+    check_tensor("flat", flat, min_dim=1)
+    me, p, ranks = _group_ranks(group)
+    bounds = chunk_bounds(flat.numel(), p)
+    sent = 0
+    for step in steps:
+        works, received = [], {}
+        for t in step:
+            start, stop = (0, flat.numel()) if t.phase in WHOLE_TENSOR_PHASES else bounds[t.chunk]
+            if stop <= start:   # an empty chunk (fewer elements than ranks) is skipped by both ends
+                continue
+            if t.src == me:
+                works.append(dist.isend(flat[start:stop], ranks[t.dst], group=group))
+                sent += (stop - start) * flat.element_size()
+            elif t.dst == me and t.op == "reduce":
+                buffer = torch.empty(stop - start, dtype=flat.dtype, device=flat.device)
+                received.setdefault((start, stop), {})[t.src] = buffer
+                works.append(dist.irecv(buffer, ranks[t.src], group=group))
+            elif t.dst == me:
+                works.append(dist.irecv(flat[start:stop], ranks[t.src], group=group))
+        for work in works:
+            work.wait()
+        # Only now, with every send of the step complete, may the chunks sent be overwritten.
+        for (start, stop), copies in received.items():
+            copies[me] = flat[start:stop]
+            total = copies[0].clone()
+            for r in range(1, p):
+                total += copies[r]
+            flat[start:stop].copy_(total)
+    return sent
+
+
+def one_shot_all_reduce(tensor: torch.Tensor, group=None, *, check: bool = True) -> int:
+    """Sum ``tensor`` over the ranks of ``group``, in place, in one step (``dist.all_reduce``'s result).
+
+    Every rank sends its whole tensor to every other rank and adds the ``p`` tensors itself:
+    one message latency, ``(p - 1) n`` bytes sent per rank. The choice for small, latency-bound
+    messages. ``check=False`` skips the input check (one tiny all-gather) for benchmarking.
+    """
+    if check:
+        check_inputs({"tensor": tensor}, group, same_numel=("tensor",), call="one_shot_all_reduce")
+    _, p, _ = _group_ranks(group)
+    return run_direct(tensor.view(-1), one_shot_schedule(p), group)
+
+
+def two_shot_all_reduce(tensor: torch.Tensor, group=None, *, check: bool = True) -> int:
+    """Sum ``tensor`` over the ranks of ``group``, in place, in two steps (``dist.all_reduce``'s result).
+
+    A direct reduce-scatter (rank ``c`` receives chunk ``c`` from every rank and adds them),
+    then a direct all-gather (each rank sends its summed chunk to every rank): two message
+    latencies and the ring's ``2 (p - 1) / p * n`` bytes per rank. Chunks are sized like
+    ``torch.tensor_split``, so any size works. ``check=False`` skips the input check.
+    """
+    if check:
+        check_inputs({"tensor": tensor}, group, same_numel=("tensor",), call="two_shot_all_reduce")
+    _, p, _ = _group_ranks(group)
+    return run_direct(tensor.view(-1), two_shot_schedule(p), group)
 
 
 def ring_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None) -> int:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from ..validate import check_choice, check_int
 
 RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather")
+# Phases whose transfers carry the whole tensor rather than one chunk of it.
+WHOLE_TENSOR_PHASES = ("broadcast", "one-shot")
 
 
 @dataclass(frozen=True)
@@ -104,18 +106,49 @@ def tree_broadcast_schedule(p: int, root: int = 0) -> list[list[Transfer]]:
     return rounds
 
 
+def one_shot_schedule(p: int) -> list[list[Transfer]]:
+    """A one-shot all-reduce: one step in which every rank sends its whole tensor to every other.
+
+    Each rank then adds the ``p`` tensors itself. One step (one latency), but ``(p - 1) n``
+    bytes out of every rank: the fewest steps and the most bytes. Transfers carry the whole
+    tensor (phase ``"one-shot"``, chunk 0).
+    """
+    _check_world_size(p)
+    if p == 1:
+        return []
+    return [[Transfer(0, "one-shot", src, dst, 0, "reduce")
+             for src in range(p) for dst in range(p) if dst != src]]
+
+
+def two_shot_schedule(p: int) -> list[list[Transfer]]:
+    """A two-shot all-reduce: a direct reduce-scatter, then a direct all-gather.
+
+    Step 0: every rank sends chunk ``c`` of its tensor straight to rank ``c``, which adds the
+    ``p`` copies of its chunk. Step 1: every rank sends its finished chunk straight to every
+    other rank, which copies it. Two steps, and ``2 (p - 1) / p * n`` bytes per rank: the
+    ring's volume in 2 steps instead of ``2 (p - 1)``, paid for with ``p - 1`` messages in
+    flight per rank at once (every pair of ranks needs a link).
+    """
+    _check_world_size(p)
+    if p == 1:
+        return []
+    pairs = [(src, dst) for src in range(p) for dst in range(p) if dst != src]
+    return [[Transfer(0, "reduce-scatter", src, dst, dst, "reduce") for src, dst in pairs],
+            [Transfer(1, "all-gather", src, dst, src, "copy") for src, dst in pairs]]
+
+
 def bytes_sent(schedule: list[list[Transfer]], n: int, p: int, element_size: int) -> list[int]:
     """Bytes each rank sends when running ``schedule`` on ``n`` elements of ``element_size`` bytes.
 
-    A ring transfer carries one chunk (:func:`chunk_bounds`); a broadcast transfer
-    (phase ``"broadcast"``) carries the whole tensor.
+    A ring or two-shot transfer carries one chunk (:func:`chunk_bounds`); a broadcast or
+    one-shot transfer (phase in ``WHOLE_TENSOR_PHASES``) carries the whole tensor.
     """
     bounds = chunk_bounds(n, p)
     check_int("element_size", element_size, low=1, why="bytes per element")
     sent = [0] * p
     for step in schedule:
         for t in step:
-            elements = n if t.phase == "broadcast" else bounds[t.chunk][1] - bounds[t.chunk][0]
+            elements = n if t.phase in WHOLE_TENSOR_PHASES else bounds[t.chunk][1] - bounds[t.chunk][0]
             sent[t.src] += elements * element_size
     return sent
 

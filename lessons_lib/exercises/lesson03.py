@@ -20,7 +20,8 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from ..comm import bytes_sent, ring_all_reduce, ring_schedule, run_ring, simulate_ring, tree_broadcast
+from ..comm import (bytes_sent, one_shot_all_reduce, ring_all_reduce, ring_schedule, run_direct, run_ring,
+                    simulate_ring, tree_broadcast, two_shot_all_reduce)
 from ..launch import run_distributed
 from .check import (Incorrect, exercise, predicted_number, raise_if_stub, recording_collectives,
                     refuse_reference, run_ranks)
@@ -206,7 +207,8 @@ def _diagnose_bytes(p, n, dtype, reported, case) -> str | None:
 
 @exercise("03.recursive_doubling", "build: an all-reduce by recursive doubling from send/recv")
 def check_recursive_doubling(candidate):
-    refuse_reference(candidate, ring_all_reduce, run_ring, tree_broadcast, doubling_bytes)
+    refuse_reference(candidate, ring_all_reduce, run_ring, tree_broadcast, doubling_bytes,
+                     one_shot_all_reduce, two_shot_all_reduce, run_direct)
     raise_if_stub(candidate)
     for p, n, dtype in DOUBLING_CASES:
         kind = str(dtype).replace("torch.", "")
