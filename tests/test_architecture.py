@@ -73,3 +73,43 @@ def test_imports_go_down_the_layers():
                 wrong.append(f"{path.relative_to(ROOT)} ({unit}, layer {level[unit]}) imports {target} "
                              f"(layer {level.get(target)})")
     assert not wrong, "imports that do not go down the layers:\n" + "\n".join(wrong)
+
+
+# Packages whose submodules a notebook imports directly: the display helpers (one widget module
+# per picture) and the course's checkers. Every other package is imported through its face.
+SUBMODULES_IMPORTED_DIRECTLY = {"viz", "exercises"}
+
+
+def test_notebooks_import_the_library_through_package_faces():
+    """A lesson's names come from a package's ``__init__`` (``from lessons_lib.serving import
+    Router``), never from a module inside it, so a newcomer finds them in one place."""
+    offenders = []
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for module in re.findall(r"from (lessons_lib\.[\w.]+) import", nb.read_text()):
+            parts = module.split(".")
+            package = LIB.joinpath(*parts[1:])
+            if parts[1] in SUBMODULES_IMPORTED_DIRECTLY or package.is_dir() or len(parts) == 2:
+                continue
+            offenders.append(f"{nb.name}: {module}")
+    assert not offenders, f"import these names from their package instead: {offenders}"
+
+
+def test_every_package_face_exports_what_it_imports():
+    """Each package ``__init__`` lists in ``__all__`` exactly the names it imports from its modules."""
+    for init in sorted(LIB.rglob("__init__.py")):
+        if init.parent == LIB or init.parent.name in SUBMODULES_IMPORTED_DIRECTLY:
+            continue
+        tree = ast.parse(init.read_text())
+        imported = {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                    for a in node.names}
+        exported = set()
+        for node in tree.body:
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+                if getattr(target, "id", "") == "__all__":
+                    exported |= {e.value for e in node.value.elts}
+        rel = init.relative_to(ROOT)
+        assert exported, f"{rel} has no __all__"
+        assert exported == imported - {"annotations"}, \
+            f"{rel}: imported but not in __all__ {sorted(imported - exported - {'annotations'})}, " \
+            f"in __all__ but not imported {sorted(exported - imported)}"
