@@ -82,4 +82,5 @@ def test_the_calculator_draws_and_refuses_without_losing_its_picture():
     calc.controls["micro_batches"].value = 4              # more micro-batches than the batch of 1
     assert "micro_batches" in calc.message.value
     assert calc.report["micro_batches"] == 1                # the last good report stays
-    assert "time-budget calculator" in calc.widget.static_text()
+    bundle = calc._repr_mimebundle_()                         # the picture drawn once, reused
+    assert "image/png" in bundle and "time-budget calculator" in bundle["text/plain"]

@@ -54,7 +54,7 @@ class BudgetCalculator:
                  micro_batches=1):
         import ipywidgets as w
 
-        from .static import FallbackBox, figure_of
+        from .static import FallbackBox
 
         self.shape, self.layouts = shape, tuple(layouts)
         wide = {"layout": w.Layout(width="100%"), "style": {"description_width": "110px"}}
@@ -70,17 +70,17 @@ class BudgetCalculator:
         self.output = w.Output()
         for control in self.controls.values():
             control.observe(lambda _: self.update(), names="value")
-        self._figure = lambda: figure_of(lambda axes: draw_budget(self.report, axes), FIGSIZE, ncols=2)
+        self.png = b""   # the picture of the last good report, drawn once, shown live and left static
         self.widget = FallbackBox(
             [*self.controls.values(), self.message, self.output], title="time-budget calculator",
-            picture=self._figure,
+            picture=lambda: self.png,
             text=lambda: ", ".join(f"{k}={v.value}" for k, v in self.controls.items()))
         self.update()
 
     def update(self) -> None:
-        from IPython.display import Image, display
+        from IPython.display import Image
 
-        from .static import figure_png
+        from .static import figure_of, figure_png
 
         values = {name: c.value for name, c in self.controls.items()}
         try:
@@ -89,9 +89,11 @@ class BudgetCalculator:
         except ValueError as err:  # e.g. more micro-batches than sequences: say why, keep the picture
             self.message.value = f"<b>{err}</b>"
             return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=figure_png(self._figure()), format="png"))
+        self.png = figure_png(figure_of(lambda axes: draw_budget(self.report, axes), FIGSIZE, ncols=2))
+        # Set the Output widget's contents directly rather than print into it: nothing reaches the
+        # cell's own output, whether or not a front end is there to route it.
+        self.output.outputs = ()
+        self.output.append_display_data(Image(data=self.png, format="png"))
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
