@@ -45,7 +45,7 @@ from .throughput import H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S
 from .validate import bad, check_choice, check_int, check_real, check_str
 
 __all__ = ["INFINIBAND_NDR", "LAYOUTS", "NVLINK4", "PARTS", "PART_LABELS", "Layout", "Link", "budget_table",
-           "laptop_link", "loopback_alpha_beta", "step_budget"]
+           "dp_against_tp", "laptop_link", "loopback_alpha_beta", "step_budget"]
 
 NCCL_TUNING_SOURCE = "https://github.com/NVIDIA/nccl/blob/master/src/graph/tuning.cc"
 NCCL_RING_LL_BASE_S = 6.6e-6        # baseLat, Ring / LL
@@ -192,6 +192,27 @@ def budget_table(shape: LLMShape, layouts=LAYOUTS, *, batch: int = 1, context: i
         rows.append({"layout": layout, "ttft": ttft, "tpot": tpot,
                      "tokens_per_s_per_gpu": batch / tpot["total"] / layout.gpus})
     return rows
+
+
+def dp_against_tp(shape: LLMShape, devices: int, batch: int, *, context: int = 1024,
+                  link: Link = NVLINK4, dtype: str = "bf16") -> dict[str, float]:
+    """Decode tokens/s per device of ``batch`` sequences on ``devices`` GPUs, two ways.
+
+    ``dp``: ``devices`` replicas, each decoding ``batch / devices`` sequences alone, with no
+    communication. ``tp``: one tensor-parallel group decoding the whole batch, paying two
+    all-reduces per layer per step on ``link``. Also returns each one's step time (``*_step_s``).
+    """
+    check_int("devices", devices, low=1)
+    check_int("batch", batch, low=devices, why="data parallelism gives every replica a sequence")
+    if batch % devices:
+        raise bad("batch", batch, f"a multiple of devices={devices}", "so every replica has as many sequences")
+    if not isinstance(link, Link):
+        raise bad("link", link, "a Link, e.g. NVLINK4")
+    dp = step_budget(shape, Layout("DP replica", 1), phase="decode", batch=batch // devices,
+                     context=context, dtype=dtype)["total"]
+    tp = step_budget(shape, Layout(f"TP{devices}", devices, 1, link, link), phase="decode", batch=batch,
+                     context=context, dtype=dtype)["total"]
+    return {"dp": batch / dp / devices, "tp": batch / tp / devices, "dp_step_s": dp, "tp_step_s": tp}
 
 
 def loopback_alpha_beta(sizes=(1 << 10, 1 << 14, 1 << 18, 1 << 20), repeats: int = 5) -> tuple[float, float]:

@@ -3,8 +3,8 @@
 import pytest
 
 from lessons_lib.budget import (INFINIBAND_NDR, LAYOUTS, NVLINK4, PARTS, Layout, Link, budget_table,
-                                laptop_link, loopback_alpha_beta, step_budget)
-from lessons_lib.memory import LLAMA2_70B, kv_cache_bytes, weight_bytes
+                                dp_against_tp, laptop_link, loopback_alpha_beta, step_budget)
+from lessons_lib.memory import LLAMA2_7B, LLAMA2_70B, kv_cache_bytes, weight_bytes
 from lessons_lib.throughput import H100_SXM_HBM_BYTES_PER_S
 
 pytestmark = pytest.mark.lesson01
@@ -84,3 +84,14 @@ def test_the_calculator_draws_and_refuses_without_losing_its_picture():
     assert calc.report["micro_batches"] == 1                # the last good report stays
     bundle = calc._repr_mimebundle_()                         # the picture drawn once, reused
     assert "image/png" in bundle and "time-budget calculator" in bundle["text/plain"]
+
+
+def test_tp_beats_dp_per_device_on_nvlink_and_loses_on_a_slow_link():
+    slow = laptop_link(3e-4, 1e-9)                        # gloo between processes, roughly
+    for batch in (2, 16, 64):
+        fast = dp_against_tp(LLAMA2_7B, 2, batch)
+        # memory-bound: TP reads each weight once for the whole batch, DP once per half-batch
+        assert fast["tp"] > fast["dp"] and fast["tp_step_s"] < fast["dp_step_s"]
+        assert dp_against_tp(LLAMA2_7B, 2, batch, link=slow)["tp"] < fast["dp"]
+    with pytest.raises(ValueError, match="batch"):
+        dp_against_tp(LLAMA2_7B, 2, 3)
