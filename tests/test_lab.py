@@ -52,6 +52,7 @@ def test_generated_exercises_keep_the_course_kernel():
 # -- widgets leave a static picture for readers without a kernel --------------------------------
 def _widgets():
     from lessons_lib.model import ModelConfig
+    from lessons_lib.viz.budget import BudgetCalculator
     from lessons_lib.viz.kv_blocks import kv_blocks_widget
     from lessons_lib.viz.memory import MemoryCalculator
     from lessons_lib.viz.pipeline import pipeline_widget
@@ -61,10 +62,11 @@ def _widgets():
 
     return {"memory": lambda: MemoryCalculator(), "ring": lambda: ring_widget(6),
             "pipeline": lambda: pipeline_widget(), "placement": lambda: placement_widget(),
-            "sharding": lambda: sharding_widget(ModelConfig()), "kv_blocks": lambda: kv_blocks_widget()}
+            "sharding": lambda: sharding_widget(ModelConfig()), "kv_blocks": lambda: kv_blocks_widget(),
+            "budget": lambda: BudgetCalculator()}
 
 
-@pytest.mark.parametrize("name", ["memory", "ring", "pipeline", "placement", "sharding", "kv_blocks"])
+@pytest.mark.parametrize("name", ["memory", "ring", "pipeline", "placement", "sharding", "kv_blocks", "budget"])
 def test_a_widget_shows_a_picture_and_plain_words_where_no_kernel_runs(name):
     import base64
 
