@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..display import within
 from ..model import corpus_splits, generate
 from ..tokenizer import ByteTokenizer
-from ..validate import bad, check_int, check_str
+from ..validate import bad, check_int, check_str, check_tensor
 
 
 def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
@@ -26,6 +26,23 @@ def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
         return valid
     check_int("n_bytes", n_bytes, low=2, why=f"or None for all {valid.numel()} held-out bytes")
     return valid[:n_bytes]
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||approx - exact|| / ||exact||`` (Frobenius norms): how far a compressed output is from the exact one.
+
+    One number for a whole tensor, so it does not hinge on a few elements near zero the way an
+    elementwise relative error does.
+    """
+    for name, t in (("approx", approx), ("exact", exact)):
+        check_tensor(name, t, min_dim=1)
+    if approx.shape != exact.shape:
+        raise bad("approx", f"a tensor of shape {tuple(approx.shape)}", f"the shape of exact, {tuple(exact.shape)}")
+    norm = exact.double().norm()
+    if norm == 0:
+        raise bad("exact", "an all-zero tensor", "a tensor with at least one non-zero element",
+                  "the error relative to zero is undefined")
+    return float((approx.double() - exact.double()).norm() / norm)
 
 
 def decode_rates(models: dict[str, nn.Module], prompt: str = "The KV cache", new_tokens: int = 64,
