@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from lessons_lib.compression import (QuantizedKVCache, QuantizedLayerKVCache, dequantize_int4,
-                                     fake_quantize_fp8, fake_quantize_int8, fp8_max, gptq_quantize,
-                                     kv_bytes_per_token, kv_tokens_per_gib, plant_outlier_channels,
-                                     relative_error, round_to_nearest, smooth, smoothing_factors,
-                                     w8a8_linear, with_kv_cache_dtype)
+from lessons_lib.compression import (QuantizedKVCache, QuantizedLayerKVCache, calibration_inputs,
+                                     dequantize_int4, fake_quantize_fp8, fake_quantize_int8, fp8_max,
+                                     gptq_quantize, kv_bytes_per_token, kv_tokens_per_gib,
+                                     plant_outlier_channels, relative_error, round_to_nearest, smooth,
+                                     smoothing_factors, w8a8_linear, with_kv_cache_dtype)
 from lessons_lib.memory import LLAMA2_7B, LLAMA2_70B, kv_cache_bytes
 from lessons_lib.model import ModelConfig, generate
 from lessons_lib.validate import BadArgument
@@ -162,3 +162,15 @@ def test_kv_capacity_of_real_models_against_bf16():
         int8 = kv_bytes_per_token(shape, "int8")
         assert int8 == bf16 / 2 + 2 * shape.n_layers * shape.n_kv_heads * 2
         assert 1.9 < kv_tokens_per_gib(shape, "fp8_e4m3") / kv_tokens_per_gib(shape, "bf16") < 2
+
+
+def test_calibration_inputs_are_what_the_layer_reads():
+    model = tiny_lm(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64))
+    ids = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(0))
+    down = model.layers[0].mlp.down_proj
+    x = calibration_inputs(model, down, ids, window=16)
+    assert x.shape == (48, 64)                        # 3 full rows of 16 tokens, ffn_dim features
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), x @ down.weight.t())
+    with pytest.raises(BadArgument, match="module"):
+        calibration_inputs(model, torch.nn.Linear(64, 32), ids)

@@ -6,7 +6,8 @@ Each technique returns a new model that is called exactly like the tiny LM, so
 
 from .distillation import (STUDENT_CONFIG, STUDENT_PATH, distill, distillation_loss, load_student,
                            new_student)
-from .evaluate import TABLE_HEADER, Measurement, decode_rates, heldout_ids, ratio_rows, relative_error
+from .evaluate import (TABLE_HEADER, Measurement, calibration_inputs, decode_rates, heldout_ids, ratio_rows,
+                       relative_error)
 from .fp8 import FP8_FORMATS, fake_quantize_fp8, fp8_max, fp8_scale
 from .gptq import gptq_quantize, hessian, round_to_nearest
 from .kv_quantization import (KV_CACHE_DTYPES, KVQuantizedModel, QuantizedKVCache, QuantizedLayerKVCache,
@@ -22,7 +23,7 @@ from .smoothquant import (fake_quantize_int8, plant_outlier_channels, smooth, sm
 __all__ = [
     "FP8_FORMATS", "Int4Linear", "Int8Linear", "KVQuantizedModel", "KV_CACHE_DTYPES", "Measurement",
     "QuantizedKVCache", "QuantizedLayerKVCache", "STUDENT_CONFIG", "STUDENT_PATH", "TABLE_HEADER",
-    "decode_rates", "dequantize_int4", "dequantize_int8", "distill", "distillation_loss",
+    "calibration_inputs", "decode_rates", "dequantize_int4", "dequantize_int8", "distill", "distillation_loss",
     "fake_quantize_fp8", "fake_quantize_int8", "fp8_max", "fp8_scale", "gptq_quantize", "heldout_ids",
     "hessian", "kv_bytes_per_token", "kv_tokens_per_gib", "linear_weight_bytes", "load_student",
     "magnitude_mask", "model_bytes", "new_student", "plant_outlier_channels", "prune_2_4",

@@ -71,7 +71,8 @@ class QuantizedLayerKVCache(LayerKVCache):
         else:
             self.k, self.k_scale = torch.cat([self.k, kq], dim=2), torch.cat([self.k_scale, ks], dim=2)
             self.v, self.v_scale = torch.cat([self.v, vq], dim=2), torch.cat([self.v_scale, vs], dim=2)
-        return (self.k.float() * self.k_scale.float()).to(k.dtype), (self.v.float() * self.v_scale.float()).to(v.dtype)
+        return (self.k.float() * self.k_scale.float()).to(k.dtype), \
+            (self.v.float() * self.v_scale.float()).to(v.dtype)
 
     def truncate(self, n: int) -> None:
         super().truncate(n)                       # checks n and cuts the codes
