@@ -3,9 +3,9 @@
 FP8 (Micikevicius et al., "FP8 Formats for Deep Learning", arXiv:2209.05433) has two encodings:
 E4M3 (4 exponent bits, 3 mantissa bits, largest finite value 448; used for weights and
 activations at inference) and E5M2 (5 and 2, largest 57344; more range, less precision). NVIDIA's
-Hopper, Ada and Blackwell GPUs multiply FP8 on their tensor cores (Transformer Engine's FP8 primer,
+H100 introduced FP8 matrix multiplies on its tensor cores (Transformer Engine's FP8 primer,
 https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/examples/fp8_primer.html);
-this CPU cannot, but PyTorch's
+this CPU has none, but PyTorch's
 ``torch.float8_e4m3fn`` and ``torch.float8_e5m2`` dtypes round exactly as the hardware format
 does, so casting to them and back shows FP8's error faithfully.
 

@@ -21,7 +21,7 @@ from ..memory import LLMShape, kv_cache_bytes
 from ..model import KVCache, LayerKVCache
 from ..validate import bad, check_choice, check_int
 from .fp8 import FP8_FORMATS, fp8_max
-from .quantization import INT8_QMAX, _stored_scale
+from .quantization import _ROUND_UP, INT8_QMAX
 
 KV_CACHE_DTYPES = ("int8", "fp8_e4m3", "bf16")
 _CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": FP8_FORMATS["e4m3"]}
@@ -49,7 +49,10 @@ class QuantizedLayerKVCache(LayerKVCache):
     def _quantize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qmax = _qmax(self.kv_cache_dtype)
         t = t.detach().float()
-        scale = _stored_scale(t.abs().amax(dim=-1, keepdim=True), qmax, torch.bfloat16)
+        amax = t.abs().amax(dim=-1, keepdim=True)
+        # Rounded up before bfloat16 rounds it, so no value lands beyond qmax (as for weight scales);
+        # an all-zero head gets scale 1 and codes 0.
+        scale = torch.where(amax > 0, amax * (_ROUND_UP / qmax), torch.ones_like(amax)).to(torch.bfloat16)
         scaled = (t / scale.float()).clamp(-qmax, qmax)
         if self.kv_cache_dtype == "int8":
             scaled = torch.round(scaled)
