@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..display import within
 from ..model import corpus_splits, generate
 from ..tokenizer import ByteTokenizer
-from ..validate import bad, check_int, check_str
+from ..validate import bad, check_int, check_str, check_tensor
 
 
 def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
@@ -26,6 +26,49 @@ def heldout_ids(n_bytes: int | None = None) -> torch.Tensor:
         return valid
     check_int("n_bytes", n_bytes, low=2, why=f"or None for all {valid.numel()} held-out bytes")
     return valid[:n_bytes]
+
+
+@torch.no_grad()
+def calibration_inputs(model: nn.Module, module: nn.Module, ids: torch.Tensor,
+                       window: int = 256) -> torch.Tensor:
+    """What ``module`` (a layer inside ``model``) receives when ``model`` reads ``ids``: (tokens, features).
+
+    ``ids`` (1-D) is cut into rows of ``window`` tokens and run in one batch; a forward hook records
+    the module's input. GPTQ's Hessian and SmoothQuant's channel maxima are computed from these.
+    """
+    if not isinstance(module, nn.Module) or not any(m is module for m in model.modules()):
+        raise bad("module", type(module).__name__,
+                  "a submodule of model, e.g. model.layers[0].mlp.down_proj")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise bad("ids", ids, "a 1-D tensor of token ids")
+    check_int("window", window, low=1, high=ids.numel(),
+              why=f"a row length of at most the {ids.numel()} ids given")
+    rows = ids[:ids.numel() // window * window].reshape(-1, window)
+    seen: list[torch.Tensor] = []
+    hook = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    try:
+        model(rows)
+    finally:
+        hook.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).float()
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||approx - exact|| / ||exact||`` (Frobenius norms): how far a compressed result is from the exact.
+
+    One number for a whole tensor, so it does not hinge on a few elements near zero the way an
+    elementwise relative error does.
+    """
+    for name, t in (("approx", approx), ("exact", exact)):
+        check_tensor(name, t, min_dim=1)
+    if approx.shape != exact.shape:
+        raise bad("approx", f"a tensor of shape {tuple(approx.shape)}",
+                  f"the shape of exact, {tuple(exact.shape)}")
+    norm = exact.double().norm()
+    if norm == 0:
+        raise bad("exact", "an all-zero tensor", "a tensor with at least one non-zero element",
+                  "the error relative to zero is undefined")
+    return float((approx.double() - exact.double()).norm() / norm)
 
 
 def decode_rates(models: dict[str, nn.Module], prompt: str = "The KV cache", new_tokens: int = 64,
