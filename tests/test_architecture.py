@@ -1,6 +1,8 @@
 """ARCHITECTURE.md is true: the paths it names exist and the library's imports follow its layers."""
 
 import ast
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -113,3 +115,25 @@ def test_every_package_face_exports_what_it_imports():
         assert exported == imported - {"annotations"}, \
             f"{rel}: imported but not in __all__ {sorted(imported - exported - {'annotations'})}, " \
             f"in __all__ but not imported {sorted(exported - imported)}"
+
+
+def test_every_name_a_notebook_imports_from_the_library_exists():
+    """nbval would find a missing name too, but only after minutes of running the notebook."""
+    import importlib
+
+    missing = []
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = [c["source"] for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        for cell in cells:
+            source = "".join(cell) if isinstance(cell, list) else cell
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue                  # IPython magics: not library imports
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lessons_lib"):
+                    module = importlib.import_module(node.module)
+                    missing += [f"{nb.name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name)
+                                and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, f"notebooks import names the library does not have: {missing}"
