@@ -67,8 +67,12 @@ def test_readme_opens_with_the_two_commands():
     assert [line.strip() for line in first_block.strip().splitlines()] == ["make lab", "make test"]
 
 
-def test_ci_runs_make_test():
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+def test_ci_runs_make_test_and_every_other_test_target():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    targets = set(re.findall(r"^(test(?:-[a-z]+)?):", (ROOT / "Makefile").read_text(), re.M))
+    assert targets >= {"test", "test-handouts", "test-browser", "test-portable"}
+    assert [line for line in ci if line.startswith("make ")] == ["make test"] + [
+        f"make {t}" for t in ("test-handouts", "test-browser", "test-portable")]
 
 
 def test_layout():

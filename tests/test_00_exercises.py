@@ -113,9 +113,10 @@ def test_every_registered_exercise_is_checked_in_some_solution():
 
 
 # -- every check, against the solution and against the stub ------------------------------
-# nbval re-executes every solution and exercise notebook in `make test` and fails when a cell's
-# output differs from the committed one. So asserting here that the committed verdicts are right,
-# and that no check cell is excluded from nbval's comparison, checks every verdict as it runs now.
+# nbval re-executes every solution and exercise notebook (`make test-handouts`, which CI runs after
+# `make test`) and fails when a cell's output differs from the committed one. So asserting here
+# that the committed verdicts are right, and that no check cell is excluded from nbval's
+# comparison, checks every verdict as it runs now.
 NBVAL_EXCLUDING_TAGS = {"nbval-ignore-output", "nbval-skip", "raises-exception"}
 
 
