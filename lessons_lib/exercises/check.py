@@ -298,6 +298,24 @@ def cases(public: list, hidden: list, include_hidden: bool) -> list:
     return list(public) + (list(hidden) if include_hidden else [])
 
 
+HIDDEN_LABEL = "hidden case "
+
+
+def labelled_cases(public: list, hidden: list, include_hidden: bool) -> list[tuple[str, object]]:
+    """:func:`cases` with a label prefix for each: ``""`` for a public case, ``"hidden case "``
+    for a hidden one, so a hint names the case it comes from ("hidden case p=6, n=7: ...")."""
+    return [("", case) for case in public] + (
+        [(HIDDEN_LABEL, case) for case in hidden] if include_hidden else [])
+
+
+def with_hidden(message: str, hidden: list, include_hidden: bool) -> str:
+    """The success ``message``, saying the hidden cases passed too only when they ran."""
+    if not include_hidden or not hidden:
+        return message
+    n = len(hidden)
+    return f"{message}; and the {n} hidden grading case{'s' if n != 1 else ''}"
+
+
 def _is_stub(exc: BaseException) -> bool:
     if isinstance(exc, NotImplementedError):
         return True
