@@ -119,10 +119,16 @@ def check_bounded_affinity(candidate, hidden=False):
     for label, (what, hashes, workers, bound) in labelled_cases(AFFINITY_CASES, AFFINITY_HIDDEN, hidden):
         what = f"{label}{what}"
         want = _reference_route(hashes, workers, bound)
-        got = candidate(list(hashes), [(w, load, set(c)) for w, load, c in workers], bound)
+        case = f"{what}: workers {[(w, load, sorted(c)) for w, load, c in workers]}, bound {bound}"
+        try:
+            got = candidate(list(hashes), [(w, load, set(c)) for w, load, c in workers], bound)
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a learner's error is a hint that names the case
+            empty = " (the prompt has no full block: prefix_hashes is empty)" if not hashes else ""
+            raise Incorrect(f"{case}: your code raised {type(exc).__name__}: {exc}{empty}") from None
         if got == want:
             continue
-        case = f"{what}: workers {[(w, load, sorted(c)) for w, load, c in workers]}, bound {bound}"
         mean = sum(load for _, load, _ in workers) / len(workers)
         loads = dict((w, load) for w, load, _ in workers)
         if got not in loads:

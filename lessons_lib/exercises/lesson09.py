@@ -141,7 +141,14 @@ def _check_scales(case: str, w: torch.Tensor, g: int, scales: torch.Tensor) -> N
 def _check_int4(candidate, case: str, w: torch.Tensor, g: int) -> None:
     out, n = w.shape
     given = w.clone()
-    result = candidate(given, g)
+    try:
+        result = candidate(given, g)
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a learner's error is a hint that names the case
+        view = (": w is a view with other strides here; w.reshape(...) copies when it must, "
+                "w.view(...) cannot" if "view" in str(exc) and not w.is_contiguous() else "")
+        raise Incorrect(f"{case}: your code raised {type(exc).__name__}: {exc}{view}") from None
     if not torch.equal(given, w):
         raise Incorrect(f"{case}: your function changed w in place; quantising must leave the weight alone")
     if not (isinstance(result, tuple) and len(result) == 2):
