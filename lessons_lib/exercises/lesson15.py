@@ -15,7 +15,7 @@ from ..engine.scheduler import SchedulerOutput
 from ..model import generate, load_tiny_lm
 from ..viz.engine import continuous_slots, static_slots
 from .check import Incorrect, exercise, judge_prediction, refuse_reference
-from .check import labelled_cases, with_hidden
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 # -- predict: the slots static batching spends on padding --------------------------------------
 OUTPUT_LENGTHS = [5, 12, 3, 8, 20, 4, 6, 9, 2, 15]      # max_tokens of each request, in arrival order
@@ -300,7 +300,7 @@ def check_schedule_step(candidate, hidden=False):
     refuse_reference(candidate, Scheduler, LLMEngine)
     for label, (case, running, waiting, budget, max_seqs) in labelled_cases(UNIT_STEPS, HIDDEN_STEPS, hidden):
         _judge_step(candidate, f"{label}{case}", running, waiting, budget, max_seqs)
-    for case, settings, arrivals in ENGINE_RUNS:
+    for case, settings, arrivals in ENGINE_RUNS if hidden != HIDDEN_ONLY else ():
         _engine_run(candidate, case, settings, arrivals)
     return with_hidden("running requests first, oldest first; then the queue in order with chunked prefill, "
                        "within the budget and max_num_seqs; the engine served every request as generate() "

@@ -15,7 +15,7 @@ from ..model import generate, load_tiny_lm
 from ..speculative import (CoinFlipDraft, expected_speedup, expected_tokens_per_forward, greedy_verify,
                            speculative_generate)
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
-from .check import labelled_cases, with_hidden
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,7 +215,7 @@ def check_greedy_verify(candidate, hidden=False):
     for label, (case, proposal, choices) in labelled_cases(VERIFY_CASES, VERIFY_HIDDEN, hidden):
         _judge_verify(candidate, f"{label}{case}", proposal, choices)
     target, draft = _models()
-    for text in VERIFY_PROMPTS:
+    for text in VERIFY_PROMPTS if hidden != HIDDEN_ONLY else ():
         for k in (1, 4, 7):
             prompt, story = _prompt(text), f"on the real models, prompt {text!r}, k={k}"
 

@@ -16,7 +16,7 @@ from ..model import generate, load_tiny_lm
 from ..model.generate import sample_next_token
 from ..model.kv_cache import kv_cache_bytes_per_token
 from .check import Incorrect, exercise, judge_prediction, raise_if_stub, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 LIBRARY = (pack_kv, unpack_kv, PrefillWorker, DecodeWorker, serve_on_ranks, send_bytes, recv_bytes)
 
@@ -267,7 +267,7 @@ def check_pack_unpack(candidate, hidden=False):
         _judge_pack(codec, what, table, n, label)
     for label, (what, table, n) in labelled_cases(PACK_CASES, PACK_HIDDEN, hidden):
         _judge_unpack(codec, what, table, n, label)
-    for prompt_len in (37, 48):
+    for prompt_len in (37, 48) if hidden != HIDDEN_ONLY else ():
         case = f"on two ranks: a {prompt_len}-token prompt prefilled on rank 0, decoded on rank 1"
         tokens = run_ranks(_codec_on_ranks, 2, codec, prompt_len, 5, what=case)[1]
         prompt = [(29 * i + 3) % 250 + 1 for i in range(prompt_len)]
