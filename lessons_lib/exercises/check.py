@@ -314,7 +314,7 @@ def labelled_cases(public: list, hidden: list, include_hidden: bool | str) -> li
     return shown + ([(HIDDEN_LABEL, case) for case in hidden] if include_hidden else [])
 
 
-def with_hidden(message: str, hidden: list, include_hidden: bool) -> str:
+def with_hidden(message: str, hidden: list, include_hidden: bool | str) -> str:
     """The success ``message``, saying the hidden cases passed too only when they ran."""
     if not include_hidden or not hidden:
         return message
