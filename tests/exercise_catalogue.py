@@ -37,6 +37,24 @@ def assert_hint(exercise_id: str, answer, *fragments: str, kind: str = "wrong an
     return result.message
 
 
+def assert_hidden_hint(exercise_id: str, answer, *fragments: str) -> str:
+    """``answer`` passes the public cases, but grading's hidden cases find its mistake: judged
+    incorrect with ``hidden=True``, with a hint naming the hidden case and containing every fragment."""
+    public = evaluate(exercise_id, answer, hidden=False)
+    assert public.status == "correct", f"{exercise_id}: expected the public cases to pass, got {public}"
+    assert "hidden" not in public.message, f"{exercise_id}: hidden cases claimed without running: {public}"
+    start = time.perf_counter()
+    result = evaluate(exercise_id, answer, hidden=True)
+    seconds = time.perf_counter() - start
+    assert result.status == "incorrect", f"{exercise_id}: expected incorrect on a hidden case, got {result}"
+    for fragment in ("hidden case", *fragments):
+        assert fragment.lower() in result.message.lower(), \
+            f"{exercise_id}: hint lacks {fragment!r}: {result.message}"
+    assert seconds < HINT_LIMIT_S, f"{exercise_id}: the hint took {seconds:.1f} s"
+    _log(exercise_id, "hidden case", seconds)
+    return result.message
+
+
 def _log(exercise_id: str, kind: str, seconds: float) -> None:
     """With ``COURSE_CATALOGUE_LOG=path``, append one JSON line per judged answer (for counts)."""
     path = os.environ.get("COURSE_CATALOGUE_LOG")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted, assert_refused
 from lessons_lib.comm import bytes_sent, one_shot_all_reduce, ring_all_reduce, ring_schedule
 
 pytestmark = pytest.mark.lesson03
@@ -198,6 +198,37 @@ def doubling_with_one_shot(tensor):
 ])
 def test_recursive_doubling_names_the_mistake(answer, fragments):
     assert_hint("03.recursive_doubling", answer, *fragments)
+
+
+def doubling_folding_one_extra_rank(tensor):
+    """Folds rank q into rank 0 as if it were the only extra rank: right for p = 3 and 5, not 6."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    q = 1 << (p.bit_length() - 1)
+    whole, sent = tensor.numel() * tensor.element_size(), 0
+    if rank >= q:
+        if rank == q:
+            dist.send(tensor, 0)
+            dist.recv(tensor, 0)
+        return whole
+    if rank == 0 and p > q:
+        other = torch.empty_like(tensor)
+        dist.recv(other, q)
+        tensor += other
+    span = 1
+    while span < q:
+        tensor += _exchange(tensor, rank ^ span)
+        sent += whole
+        span *= 2
+    if rank == 0 and p > q:
+        dist.send(tensor, q)
+        sent += whole
+    return sent
+
+
+def test_recursive_doubling_hidden_case_has_two_extra_ranks():
+    # The public cases have at most one extra rank (p=3); the hidden p=6 has two.
+    assert_hidden_hint("03.recursive_doubling", doubling_folding_one_extra_rank, "p=6, n=7 float32",
+                       "lacks the input of rank 5", "fold each extra rank r >= 4 into rank r - 4")
 
 
 def test_recursive_doubling_verdicts():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
-                               solution_function)
+from exercise_catalogue import (assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted,
+                               assert_refused, solution_function)
 
 pytestmark = pytest.mark.lesson06
 
@@ -84,6 +84,29 @@ def affinity_with_the_library(prefix_hashes, workers, bound):
 ])
 def test_bounded_affinity_names_the_mistake(answer, fragments):
     assert_hint("06.bounded_affinity", answer, *fragments)
+
+
+def affinity_counting_with_a_for_loop(prefix_hashes, workers, bound):
+    mean = sum(load for _, load, _ in workers) / len(workers)
+    best = None
+    for index, (wid, load, cached) in enumerate(workers):
+        if load > bound * mean:
+            continue
+        for match, h in enumerate(prefix_hashes):
+            if h not in cached:
+                break
+        else:
+            match += 1          # every hash cached; with no hashes, `match` was never set
+        key = (-match, load, index)
+        if best is None or key < best[0]:
+            best = (key, wid)
+    return best[1]
+
+
+def test_bounded_affinity_hidden_case_sends_an_empty_prompt():
+    # Every public case has at least one prefix hash; a hidden one has none.
+    assert_hidden_hint("06.bounded_affinity", affinity_counting_with_a_for_loop, "an empty prompt",
+                       "UnboundLocalError", "prefix_hashes is empty")
 
 
 def test_bounded_affinity_verdicts():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
-                               solution_function)
+from exercise_catalogue import (assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted,
+                               assert_refused, solution_function)
 
 pytestmark = pytest.mark.lesson07
 
@@ -69,6 +69,33 @@ def progress_from_tokens_only(events, now, heartbeat_timeout, progress_timeout):
 
 def at_least_the_timeout(events, now, heartbeat_timeout, progress_timeout):
     return worker_states(events, now, heartbeat_timeout - 1e-9, progress_timeout - 1e-9)
+
+
+def in_flight_as_a_flag(events, now, heartbeat_timeout, progress_timeout):
+    """Holds a request or not, as a flag: a "done" clears it even with another request still in flight."""
+    last_beat, last_progress, busy = {}, {}, {}
+    for t, worker, kind in events:
+        busy.setdefault(worker, False)
+        if kind == "heartbeat":
+            last_beat[worker] = t
+        else:
+            last_progress[worker] = t
+            busy[worker] = {"sent": True, "done": False}.get(kind, busy[worker])
+    states = {}
+    for worker in busy:
+        if worker not in last_beat or now - last_beat[worker] > heartbeat_timeout:
+            states[worker] = "dead"
+        elif busy[worker] and now - last_progress[worker] > progress_timeout:
+            states[worker] = "stuck"
+        else:
+            states[worker] = "healthy"
+    return states
+
+
+def test_worker_states_hidden_case_counts_requests_in_flight():
+    # Every public stream has at most one request in flight at a time; a hidden one has two.
+    assert_hidden_hint("07.worker_states", in_flight_as_a_flag, "two requests sent, one done",
+                       "worker a is 'stuck', you said 'healthy'", "liveness is not progress")
 
 
 @pytest.mark.parametrize("answer, fragments", [

@@ -4,7 +4,7 @@ each plausible wrong answer earns the hint about its own mistake."""
 import pytest
 import torch
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted, assert_refused
 
 pytestmark = pytest.mark.lesson09
 
@@ -57,6 +57,21 @@ def quantize_int4_right(w, group_size):
     scales = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
     q = torch.round(groups / scales[..., None]).clamp(-7, 7).to(torch.int8)
     return q.reshape(out, n), scales
+
+
+def int4_with_flat_view(w, group_size):
+    out, n = w.shape
+    groups = w.view(-1, group_size)                           # one row per group: needs a contiguous w
+    amax = groups.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    q = torch.round(groups / scales[:, None]).clamp(-7, 7).to(torch.int8)
+    return q.view(out, n), scales.view(out, n // group_size)
+
+
+def test_quantize_int4_hidden_case_gives_a_transposed_weight():
+    # Every public weight is contiguous; a hidden one is a transposed view, as a Linear's weight.T is.
+    assert_hidden_hint("09.quantize_int4", int4_with_flat_view, "a transposed view", "RuntimeError",
+                       "w.reshape(...) copies when it must")
 
 
 def _guarded(amax):

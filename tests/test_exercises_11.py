@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import assert_correct, assert_hint, assert_not_attempted, assert_refused
+from exercise_catalogue import assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted, assert_refused
 
 pytestmark = pytest.mark.lesson11
 
@@ -112,6 +112,22 @@ def gather_unpadded(local):
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local)
     return torch.cat(parts)
+
+
+def gather_padded_to_rank_0(local):
+    """Pads every slice to rank 0's row count, as if rank 0 always held the most rows (as
+    torch.tensor_split's remainder-first sizes do): true of every public case, not of a hidden one."""
+    counts = _counts(local)
+    padded = torch.zeros((counts[0], *local.shape[1:]), dtype=local.dtype)
+    padded[:local.shape[0]] = local[:counts[0]]
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def test_gather_rows_hidden_case_has_the_most_rows_off_rank_0():
+    assert_hidden_hint("11.gather_rows", gather_padded_to_rank_0, "p=5, rows per rank [0, 3, 1, 4, 2]",
+                       "returned 0 rows, expected 10")
 
 
 def gather_with_library(local):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exercise_catalogue import (assert_correct, assert_hint, assert_not_attempted, assert_refused,
-                                solution_function)
+from exercise_catalogue import (assert_correct, assert_hidden_hint, assert_hint, assert_not_attempted,
+                                assert_refused, solution_function)
 
 pytestmark = pytest.mark.lesson17
 
@@ -79,6 +79,24 @@ class Codec:
 
     def keep(self, n, bs):
         return n
+
+
+class PacksTheWholeTable(Codec):
+    """Takes the table's last block to hold the remainder: true when the table has exactly the blocks
+    the tokens need, as in every public case, not when it holds more."""
+
+    def pack(self, k_pool, v_pool, block_table, num_tokens):
+        last = num_tokens - (len(block_table) - 1) * k_pool[0].shape[1]
+
+        def gather(pool):
+            return torch.stack([torch.cat([layer[b] for b in block_table[:-1]] + [layer[block_table[-1]][:last]])
+                                for layer in pool])
+        return torch.stack([gather(k_pool), gather(v_pool)])
+
+
+def test_pack_unpack_hidden_case_gives_a_table_longer_than_needed():
+    assert_hidden_hint("17.pack_unpack", PacksTheWholeTable, "a table longer than the tokens need",
+                       "block_table=[4, 1, 8], num_tokens=5", "expected (2, 2, 5, 2, 3)")
 
 
 class PacksSorted(Codec):

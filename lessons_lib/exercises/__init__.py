@@ -14,13 +14,15 @@ state the answers are in.
 import importlib
 import pkgutil
 
-from .check import (CHECK_LIMIT_S, HISTORY, RANK_TIMEOUT_S, CheckResult, Incorrect, check, evaluate,
-                    exercise, refuse_reference, registered, run_ranks)
+from .check import (CHECK_LIMIT_S, HISTORY, RANK_TIMEOUT_S, CheckResult, Incorrect, cases, check, evaluate,
+                    exercise, has_hidden_cases, labelled_cases, refuse_reference, registered, run_ranks,
+                    with_hidden)
 
 # Each lesson's checkers live in ``lessonNN.py``; importing the module registers them.
 for _module in pkgutil.iter_modules(__path__):
     if _module.name.startswith("lesson"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["CHECK_LIMIT_S", "HISTORY", "RANK_TIMEOUT_S", "CheckResult", "Incorrect", "check", "evaluate",
-           "exercise", "refuse_reference", "registered", "run_ranks"]
+__all__ = ["CHECK_LIMIT_S", "HISTORY", "RANK_TIMEOUT_S", "CheckResult", "Incorrect", "cases", "check",
+           "evaluate", "exercise", "has_hidden_cases", "labelled_cases", "refuse_reference", "registered",
+           "run_ranks", "with_hidden"]

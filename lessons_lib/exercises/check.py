@@ -286,7 +286,10 @@ def has_hidden_cases(exercise_id: str) -> bool:
     return exercise_id in _HIDDEN
 
 
-def cases(public: list, hidden: list, include_hidden: bool) -> list:
+HIDDEN_ONLY = "only"   # hidden=HIDDEN_ONLY: the hidden cases without the public ones (tests of the cases)
+
+
+def cases(public: list, hidden: list, include_hidden: bool | str) -> list:
     """The cases a checker runs: the public ones, then the hidden ones when grading.
 
     A checker opts in by taking a keyword ``hidden`` and passing it here::
@@ -294,8 +297,30 @@ def cases(public: list, hidden: list, include_hidden: bool) -> list:
         @exercise("NN.name", "...")
         def check_name(candidate, hidden=False):
             for case in cases(PUBLIC, HIDDEN, hidden): ...
+
+    ``include_hidden="only"`` leaves the public cases out: the course's tests judge its own answers
+    on the hidden cases that way, since the solution notebooks' check cells already judge the public ones.
     """
-    return list(public) + (list(hidden) if include_hidden else [])
+    return [case for _, case in labelled_cases(public, hidden, include_hidden)]
+
+
+HIDDEN_LABEL = "hidden case "
+
+
+def labelled_cases(public: list, hidden: list, include_hidden: bool | str) -> list[tuple[str, object]]:
+    """:func:`cases` with a label prefix for each: ``""`` for a public case, ``"hidden case "``
+    for a hidden one, so a hint names the case it comes from ("hidden case p=6, n=7: ...")."""
+    shown = [] if include_hidden == HIDDEN_ONLY else [("", case) for case in public]
+    return shown + ([(HIDDEN_LABEL, case) for case in hidden] if include_hidden else [])
+
+
+def with_hidden(message: str, hidden: list, include_hidden: bool | str) -> str:
+    """The success ``message``, saying the hidden cases passed too only when they ran."""
+    if not include_hidden or not hidden:
+        return message
+    n = len(hidden)
+    ran = f"the {n} hidden grading case{'s' if n != 1 else ''}"
+    return f"{ran} (the public ones not run)" if include_hidden == HIDDEN_ONLY else f"{message}; and {ran}"
 
 
 def _is_stub(exc: BaseException) -> bool:
@@ -305,11 +330,11 @@ def _is_stub(exc: BaseException) -> bool:
     return isinstance(exc, DistributedError) and exc.remote_type == "NotImplementedError"
 
 
-def evaluate(exercise_id: str, candidate, hidden: bool | None = None) -> CheckResult:
+def evaluate(exercise_id: str, candidate, hidden: bool | str | None = None) -> CheckResult:
     """The verdict on ``candidate`` for ``exercise_id``, as data; never raises, bounded in time.
 
-    ``hidden`` adds the hidden cases of a checker that has some; by default it follows grading
-    mode (``COURSE_GRADING=1``).
+    ``hidden`` adds the hidden cases of a checker that has some (``"only"``: runs them without
+    the public ones); by default it follows grading mode (``COURSE_GRADING=1``).
     """
     if exercise_id not in _CHECKERS:
         known = ", ".join(sorted(_CHECKERS)) or "none"

@@ -12,6 +12,7 @@ import torch
 
 from ..launch import run_distributed
 from .check import Incorrect, exercise, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 
 WORLD_SIZES = (3, 4)
 
@@ -105,6 +106,8 @@ def check_predict_gather_bytes(candidate):
 # -- 00.mean_nll (build) ---------------------------------------------------------------------
 # Per-rank token counts: uneven on 3 ranks; on 4 ranks fewer tokens than ranks, two ranks idle.
 MEAN_CASES = ((3, (5, 2, 1)), (4, (2, 0, 1, 0)))
+# Grading only: five ranks with rank 0 idle, and one token on every rank but the last.
+MEAN_HIDDEN = ((5, (0, 3, 0, 7, 1)), (5, (1, 1, 1, 1, 0)))
 
 
 def _losses(sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
@@ -143,11 +146,11 @@ def _mean_mistakes(shards: list[torch.Tensor], rank: int) -> list[tuple[float, s
 
 
 @exercise("00.mean_nll", "the mean loss over every rank's tokens, on every rank")
-def check_mean_nll(candidate):
-    for seed, (p, sizes) in enumerate(MEAN_CASES):
+def check_mean_nll(candidate, hidden=False):
+    for seed, (label, (p, sizes)) in enumerate(labelled_cases(MEAN_CASES, MEAN_HIDDEN, hidden)):
         shards = _losses(sizes, seed)
         expected = float(torch.cat(shards).mean())
-        what = f"p={p}, tokens per rank {list(sizes)}"
+        what = f"{label}p={p}, tokens per rank {list(sizes)}"
         results = run_ranks(_mean_on_rank, p, candidate, shards, what=what)
         for rank, got in enumerate(results):
             if isinstance(got, torch.Tensor) and got.numel() == 1:
@@ -176,7 +179,8 @@ def check_mean_nll(candidate):
                 raise Incorrect(f"{case}: {cause}")
         raise Incorrect(f"{case}. Each rank adds up its own losses and counts its tokens; "
                         "all-reduce both sums, then divide")
-    return "the mean over all tokens on 3 ranks (5, 2, 1 tokens) and on 4 ranks with two idle"
+    return with_hidden("the mean over all tokens on 3 ranks (5, 2, 1 tokens) and on 4 ranks with two idle",
+                       MEAN_HIDDEN, hidden)
 
 
 # -- 00.collective_order (stretch) -----------------------------------------------------------

@@ -11,6 +11,7 @@ from ..memory import (LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, activation_bytes, fits,
                       memory_per_device, weight_bytes)
 from ..model import KVCache, ModelConfig, TinyLM, generate, kv_cache_bytes_per_token, load_tiny_lm
 from .check import Incorrect, exercise, refuse_reference
+from .check import labelled_cases, with_hidden
 
 
 def _is_number(x) -> bool:
@@ -95,6 +96,11 @@ MEMORY_CASES = [  # shape, batch, context, devices, strategy, bytes per value
     (LLAMA2_70B, 1, 4096, 80, "pipeline", 2),
     (LLAMA2_7B, 4, 256, 1, "tensor", 2),
 ]
+MEMORY_HIDDEN = [  # grading only: fp32 on 5 stages (32 layers), 5 sequences on 3 devices, 32-way TP
+    (LLAMA2_7B, 3, 100, 5, "pipeline", 4),
+    (LLAMA2_13B, 5, 300, 3, "data", 2),
+    (LLAMA2_70B, 3, 128, 32, "tensor", 2),
+]
 
 
 def _weight_mistakes(shape, batch, devices, strategy, nbytes, full, expected):
@@ -154,14 +160,15 @@ def _same(a, b) -> bool:
 
 
 @exercise("01.device_memory", "weights and KV cache on the busiest device, per strategy")
-def check_device_memory(candidate):
+def check_device_memory(candidate, hidden=False):
     refuse_reference(candidate, memory_per_device, kv_cache_bytes, weight_bytes, activation_bytes,
                      fits, kv_cache_bytes_per_token)
-    for shape, batch, context, devices, strategy, nbytes in MEMORY_CASES:
+    for label, (shape, batch, context, devices, strategy, nbytes) in labelled_cases(
+            MEMORY_CASES, MEMORY_HIDDEN, hidden):
         need = memory_per_device(shape, dtype=_DTYPES[nbytes], batch=batch, context=context,
                                  devices=devices, strategy=strategy)
         expected = (need["weights"], need["kv_cache"])
-        call = (f"device_memory({shape.name}, batch={batch}, context={context}, "
+        call = (f"{label}device_memory({shape.name}, batch={batch}, context={context}, "
                 f"devices={devices}, strategy={strategy!r}, bytes_per_value={nbytes})")
         got = candidate(shape, batch, context, devices, strategy, nbytes)
         if (not isinstance(got, (tuple, list)) or len(got) != 2
@@ -184,8 +191,8 @@ def check_device_memory(candidate):
                     "2 x layers x KV heads x head_dim x bytes_per_value per token, times the "
                     "sequences and the context, split as the strategy splits them")
             raise Incorrect(f"{case}. The {what}: {rule}")
-    return ("right for one device and for data, tensor (KV heads replicated past 8 devices) and "
-            "pipeline parallelism, with uneven splits")
+    return with_hidden("right for one device and for data, tensor (KV heads replicated past 8 devices) "
+                       "and pipeline parallelism, with uneven splits", MEMORY_HIDDEN, hidden)
 
 
 # -- 01.fix_decode_loop (stretch) ------------------------------------------------------------

@@ -17,6 +17,7 @@ from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import (ColumnParallelLinear, RowParallelLinear, all_reduce_sum,
                                shard_indices)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 
 
 def _is_number(x) -> bool:
@@ -118,6 +119,8 @@ HEAD_DIM, SEQ = 4, 5
 # (tp, n_heads, n_kv_heads, dim): 2 query heads and 1 KV head a rank; then more ranks than KV
 # heads (a KV head on 2 or 3 ranks), and one KV head for all (multi-query attention).
 ATTENTION_CASES = {3: ((6, 3, 12), (3, 1, 8)), 4: ((8, 4, 12), (4, 2, 8), (4, 1, 8))}
+# Grading only: 5 ranks, two query heads each; KV heads split, and one KV head for all.
+ATTENTION_HIDDEN = {5: ((10, 5, 12), (10, 1, 8))}
 
 
 def attention(x, wq, wk, wv, wo, head_dim):
@@ -226,18 +229,19 @@ def _diagnose_attention(got, case, rank, tp, n_heads, n_kv, dim, what):
 
 
 @exercise("02.tp_attention", "grouped-query attention split by heads over tensor-parallel ranks")
-def check_tp_attention(candidate):
+def check_tp_attention(candidate, hidden=False):
     refuse_reference(candidate, shard_indices, ColumnParallelLinear, RowParallelLinear,
                      all_reduce_sum, parallelize, tiny_lm_tp_plan)
-    for tp, shapes in ATTENTION_CASES.items():
+    for label, (tp, shapes) in labelled_cases(list(ATTENTION_CASES.items()),
+                                              list(ATTENTION_HIDDEN.items()), hidden):
         cases = [(*_attention_case(n_heads, n_kv, dim, seed=10 * tp + i), n_heads, n_kv)
                  for i, (n_heads, n_kv, dim) in enumerate(shapes)]
         results = run_ranks(_tp_attention_on_rank, tp, candidate, cases,
-                            what=f"tp={tp}, n_heads/n_kv_heads "
+                            what=f"{label}tp={tp}, n_heads/n_kv_heads "
                                  + " then ".join(f"{h}/{kv}" for h, kv, _ in shapes))
         for i, (n_heads, n_kv, dim) in enumerate(shapes):
             case = cases[i][:5]
-            what = f"tp={tp}, n_heads={n_heads}, n_kv_heads={n_kv}, head_dim={HEAD_DIM}"
+            what = f"{label}tp={tp}, n_heads={n_heads}, n_kv_heads={n_kv}, head_dim={HEAD_DIM}"
             full = attention(*case, HEAD_DIM)
             for rank, outputs in enumerate(results):
                 got = outputs[i] if i < len(outputs) else outputs[-1]
@@ -247,8 +251,8 @@ def check_tp_attention(candidate):
                         and torch.allclose(got, full, rtol=1e-4, atol=1e-5)):
                     continue
                 _diagnose_attention(got, case, rank, tp, n_heads, n_kv, dim, what)
-    return ("equal to one process's attention on 3 and 4 ranks, with KV heads split, replicated "
-            "on 2 and 3 ranks, and shared by all")
+    return with_hidden("equal to one process's attention on 3 and 4 ranks, with KV heads split, "
+                       "replicated on 2 and 3 ranks, and shared by all", ATTENTION_HIDDEN, hidden)
 
 
 # -- 02.choose_layout (stretch) --------------------------------------------------------------

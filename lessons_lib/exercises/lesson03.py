@@ -25,6 +25,7 @@ from ..comm import (bytes_sent, one_shot_all_reduce, ring_all_reduce, ring_sched
 from ..launch import run_distributed
 from .check import (Incorrect, exercise, predicted_number, raise_if_stub, recording_collectives,
                     refuse_reference, run_ranks)
+from .check import labelled_cases, with_hidden
 
 def _refuse_collectives(used_by_rank: list, case: str, what: str) -> None:
     used = sorted({name for names in used_by_rank for name in names})
@@ -91,10 +92,12 @@ def check_ring_bytes(candidate):
 # -- 03.recursive_doubling (build) -------------------------------------------------------------
 DOUBLING_CASES = [(3, 5, torch.float32), (4, 5, torch.float32), (4, 3, torch.float64),
                   (3, 1, torch.float32), (4, 0, torch.float32)]
+# Grading only: two extra ranks (p=6 = 4 + 2), one case per dtype.
+DOUBLING_HIDDEN = [(6, 7, torch.float32), (6, 2, torch.float64)]
 
 
 def contribution_input(rank: int, n: int, dtype) -> torch.Tensor:
-    """Rank ``rank``'s input: element ``i`` is ``16**rank * (i + 1)`` (exact in float32 for 4 ranks)."""
+    """Rank ``rank``'s input: element ``i`` is ``16**rank * (i + 1)`` (exact in float32 up to 6 ranks of 15 elements)."""
     return torch.arange(1, n + 1, dtype=dtype) * 16 ** rank
 
 
@@ -206,13 +209,13 @@ def _diagnose_bytes(p, n, dtype, reported, case) -> str | None:
 
 
 @exercise("03.recursive_doubling", "build: an all-reduce by recursive doubling from send/recv")
-def check_recursive_doubling(candidate):
+def check_recursive_doubling(candidate, hidden=False):
     refuse_reference(candidate, ring_all_reduce, run_ring, tree_broadcast, doubling_bytes,
                      one_shot_all_reduce, two_shot_all_reduce, run_direct)
     raise_if_stub(candidate)
-    for p, n, dtype in DOUBLING_CASES:
+    for label, (p, n, dtype) in labelled_cases(DOUBLING_CASES, DOUBLING_HIDDEN, hidden):
         kind = str(dtype).replace("torch.", "")
-        case = f"p={p}, n={n} {kind}"
+        case = f"{label}p={p}, n={n} {kind}"
         results = run_ranks(_doubling_on_rank, p, candidate, n, dtype, what=case)
         _refuse_collectives([used for _, _, used in results], case, "the all-reduce")
         for rank, (got, _, _) in enumerate(results):
@@ -225,8 +228,8 @@ def check_recursive_doubling(candidate):
         hint = _diagnose_bytes(p, n, dtype, [sent for _, sent, _ in results], case)
         if hint:
             raise Incorrect(hint)
-    return ("equal to the sum on every rank at p = 3 (an extra rank) and 4, for 5, 3, 1 and 0 "
-            "elements, float32 and float64, with exact byte counts")
+    return with_hidden("equal to the sum on every rank at p = 3 (an extra rank) and 4, for 5, 3, 1 and 0 "
+                       "elements, float32 and float64, with exact byte counts", DOUBLING_HIDDEN, hidden)
 
 
 # -- 03.kv_rotation (stretch) ------------------------------------------------------------------

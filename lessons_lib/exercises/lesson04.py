@@ -24,6 +24,7 @@ from ..cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, sh
 from ..comm import bytes_sent, ring_all_reduce, ring_schedule
 from ..launch import run_distributed
 from .check import Incorrect, exercise, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 from .check import predicted_number, raise_if_stub
 
 # -- 04.cross_node_bytes (predict) ------------------------------------------------------------
@@ -103,6 +104,11 @@ PLACEMENT_CASES = [  # (nodes, devices_per_node, tp, pp, dp)
     (3, 4, 2, 3, 2),   # replicas of 6 on nodes of 4
     (1, 4, 2, 2, 1),   # one node: nothing crosses
 ]
+PLACEMENT_HIDDEN = [  # grading only
+    (3, 2, 2, 3, 1),   # one replica of three stages, a stage per node
+    (2, 6, 1, 6, 2),   # tp = 1 and six stages: a replica per node
+    (2, 6, 3, 2, 2),   # replicas of 6 on nodes of 6
+]
 COST_HIDDEN, COST_LAYERS = 4096, 12   # any model; 12 layers split evenly over pp = 1, 2, 3
 
 
@@ -164,10 +170,10 @@ def _check_valid(devices, nodes, per_node, args: str) -> None:
 
 
 @exercise("04.megatron_placement", "build: place a Megatron-numbered TP x PP x DP plan on nodes")
-def check_megatron_placement(candidate):
+def check_megatron_placement(candidate, hidden=False):
     refuse_reference(candidate, place_ranks, megatron_coords, least_cross_node_bytes)
-    for nodes, per_node, tp, pp, dp in PLACEMENT_CASES:
-        args = f"place(nodes={nodes}, devices_per_node={per_node}, tp={tp}, pp={pp}, dp={dp})"
+    for label, (nodes, per_node, tp, pp, dp) in labelled_cases(PLACEMENT_CASES, PLACEMENT_HIDDEN, hidden):
+        args = f"{label}place(nodes={nodes}, devices_per_node={per_node}, tp={tp}, pp={pp}, dp={dp})"
         n = tp * pp * dp
         devices = _as_devices(candidate(nodes, per_node, tp, pp, dp), n, args)
         _check_valid(devices, nodes, per_node, args)
@@ -200,8 +206,8 @@ def check_megatron_placement(candidate):
                f"as few node boundaries as possible")
         raise Incorrect(f"{head}: pipeline boundaries cross nodes more than needed "
                         f"({got['pp']:,.0f} PP bytes, {best['pp']:,.0f} possible); {why}")
-    return (f"valid, TP groups inside nodes and the least cross-node traffic on {len(PLACEMENT_CASES)} "
-            f"cluster shapes")
+    return with_hidden(f"valid, TP groups inside nodes and the least cross-node traffic on "
+                       f"{len(PLACEMENT_CASES)} cluster shapes", PLACEMENT_HIDDEN, hidden)
 
 
 # -- 04.shard_loader (stretch) ----------------------------------------------------------------

@@ -19,6 +19,7 @@ from ..launch import run_distributed
 from ..serving.fingerprint import (broadcast_state_, diff_states, gather_fingerprints, state_fingerprint,
                                    tensor_digest)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 from .check import predicted_number, raise_if_stub, recording_collectives
 
 
@@ -162,6 +163,11 @@ REPAIR_CASES = [
     (4, {}, (2,), "four identical replicas"),
     (3, None, (), "replicas with no tensors"),
 ]
+REPAIR_HIDDEN = [  # grading only: five replicas
+    (5, {0: {"w": "value"}, 3: {"w": "value", "n": "swap"}, 4: {"b": "sign"}}, (4,),
+     "rank 0 and rank 3 bad on w, five replicas"),
+    (5, {1: {"n": "value"}, 2: {"n": "value"}}, (), "two of five replicas bad on n: three still agree"),
+]
 _SOURCE_LABEL = {"value": "one element changed", "swap": "two elements swapped (the same sum)",
                  "sign": "0.0 replaced by -0.0 (equal as numbers)"}
 
@@ -197,8 +203,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and _raw(a) == _raw(b)
 
 
-def _diagnose_repair(p, bad, reordered, label, results) -> None:
-    case = f"p={p}, {label}"
+def _diagnose_repair(p, bad, reordered, label, results, tag: str = "") -> None:
+    case = f"{tag}p={p}, {label}"
     states = [case_state(r, bad, reordered) for r in range(p)]
     plan, undecided = majority_plan([{n: _digest(t) for n, t in s.items()} for s in states])
     used = sorted({u for res in results for u in res["used"]})
@@ -284,22 +290,23 @@ def _names(ranks) -> str:
 
 
 @exercise("05.majority_repair", "build: repair replicas by per-tensor majority, sending only what differs")
-def check_majority_repair(candidate):
+def check_majority_repair(candidate, hidden=False):
     refuse_reference(candidate, broadcast_state_, gather_fingerprints, tensor_digest, state_fingerprint,
                      diff_states, majority_plan, _reference_repair)
     raise_if_stub(candidate)
-    for p, bad, reordered, label in REPAIR_CASES:
+    for tag, (p, bad, reordered, label) in labelled_cases(REPAIR_CASES, REPAIR_HIDDEN, hidden):
         try:
-            results = run_ranks(_repair_on_rank, p, candidate, bad, reordered, what=f"p={p}, {label}")
+            results = run_ranks(_repair_on_rank, p, candidate, bad, reordered, what=f"{tag}p={p}, {label}")
         except Incorrect as err:
             if not reordered:
                 raise
             raise Incorrect(f"{err} (Here the dicts of {_names(reordered)} list the names in another "
                             f"order: visit the names in sorted order on every rank, or sends and receives "
                             f"pair up different tensors.)") from None
-        _diagnose_repair(p, bad, reordered, label, results)
-    return ("every replica ends with the majority copy at p = 3 and 4 (rank 0 bad, swapped elements, "
-            "-0.0, another name order, no tensors), a 2-2 tie left alone, exact bytes")
+        _diagnose_repair(p, bad, reordered, label, results, tag)
+    return with_hidden("every replica ends with the majority copy at p = 3 and 4 (rank 0 bad, swapped "
+                       "elements, -0.0, another name order, no tensors), a 2-2 tie left alone, exact bytes",
+                       REPAIR_HIDDEN, hidden)
 
 
 # -- 05.pinned_routing (stretch) --------------------------------------------------------------

@@ -16,6 +16,7 @@ from ..serving.policies import LeastOutstanding, PrefixCacheAware, block_hashes,
 from ..serving.protocol import Request
 from ..serving.simulate import TraceItem, simulate
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
+from .check import labelled_cases, with_hidden
 
 # -- 06.predict_hit_rate (predict) ------------------------------------------------------------
 HIT_REQUESTS, HIT_WORKERS, HIT_SYSTEM, HIT_QUESTION, HIT_BLOCK = 12, 3, 40, 20, 16
@@ -101,17 +102,33 @@ AFFINITY_CASES = [
      [("a", 10, set()), ("b", 14, set(_h(1))), ("c", 6, set())], 1.5),
     ("one worker", _h(1), [("only", 100, set())], 1.0),
 ]
+AFFINITY_HIDDEN = [  # grading only: an empty prompt, five workers, a fractional mean
+    ("an empty prompt: no prefix to match, the least loaded", [],
+     [("a", 9, set(_h(1))), ("b", 4, set()), ("c", 6, set())], 1.5),
+    ("five workers: d holds the longest prefix within the bound, e a longer one above it", _h(1, 2, 3, 4),
+     [("a", 5, set(_h(1))), ("b", 3, set()), ("c", 4, set(_h(1, 2))), ("d", 6, set(_h(1, 2, 3))),
+      ("e", 12, set(_h(1, 2, 3, 4)))], 1.2),
+    ("a fractional mean: c at exactly bound x mean is allowed", _h(1, 2),
+     [("a", 1, set()), ("b", 2, set(_h(1))), ("c", 3, set(_h(1, 2)))], 1.5),
+]
 
 
 @exercise("06.bounded_affinity", "prefix-affinity routing with a load bound")
-def check_bounded_affinity(candidate):
+def check_bounded_affinity(candidate, hidden=False):
     refuse_reference(candidate, PrefixCacheAware, make_policy, block_hashes)
-    for what, hashes, workers, bound in AFFINITY_CASES:
+    for label, (what, hashes, workers, bound) in labelled_cases(AFFINITY_CASES, AFFINITY_HIDDEN, hidden):
+        what = f"{label}{what}"
         want = _reference_route(hashes, workers, bound)
-        got = candidate(list(hashes), [(w, load, set(c)) for w, load, c in workers], bound)
+        case = f"{what}: workers {[(w, load, sorted(c)) for w, load, c in workers]}, bound {bound}"
+        try:
+            got = candidate(list(hashes), [(w, load, set(c)) for w, load, c in workers], bound)
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a learner's error is a hint that names the case
+            empty = " (the prompt has no full block: prefix_hashes is empty)" if not hashes else ""
+            raise Incorrect(f"{case}: your code raised {type(exc).__name__}: {exc}{empty}") from None
         if got == want:
             continue
-        case = f"{what}: workers {[(w, load, sorted(c)) for w, load, c in workers]}, bound {bound}"
         mean = sum(load for _, load, _ in workers) / len(workers)
         loads = dict((w, load) for w, load, _ in workers)
         if got not in loads:
@@ -140,7 +157,8 @@ def check_bounded_affinity(candidate):
         raise Incorrect(f"{case}: you chose {got}, expected {want}, which holds a longer cached prefix "
                         f"({best} blocks against {mine}) at load {loads[want]}, within bound x mean = "
                         f"{bound * mean:g}{extra}")
-    return f"right on {len(AFFINITY_CASES)} cases: prefixes, the load bound, ties"
+    return with_hidden(f"right on {len(AFFINITY_CASES)} cases: prefixes, the load bound, ties",
+                       AFFINITY_HIDDEN, hidden)
 
 
 # -- 06.stale_loads (stretch) -----------------------------------------------------------------

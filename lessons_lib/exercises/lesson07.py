@@ -14,6 +14,7 @@ import functools
 
 from ..serving.health import ExactlyOnce, FailureDetector
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
+from .check import labelled_cases, with_hidden
 
 # -- 07.predict_detection_delay (predict) -----------------------------------------------------
 BEAT_MS, FREEZE_MS, POLL_MS, TIMEOUT_MS = 100, 2030, 20, 500
@@ -98,13 +99,21 @@ STATE_CASES = [
                               (0.1, "a", "sent"), (0.1, "b", "sent"), (0.3, "b", "token"), (1.9, "a", "heartbeat"),
                               (1.9, "b", "heartbeat"), (2.0, "b", "done")), 2.4),
 ]
+STATE_HIDDEN = [  # grading only
+    ("two requests sent, one done: the other still waits",
+     _stream((0.0, "a", "heartbeat"), (0.1, "a", "sent"), (0.2, "a", "sent"), (0.3, "a", "token"),
+             (0.4, "a", "done"), (2.0, "a", "heartbeat")), 2.1),
+    ("b was given a request but never sent a heartbeat", _stream((0.0, "a", "heartbeat"), (0.2, "b", "sent")), 0.5),
+    ("no events at all", [], 1.0),
+]
 HEARTBEAT_TIMEOUT, PROGRESS_TIMEOUT = 1.0, 1.5
 
 
 @exercise("07.worker_states", "liveness against progress: dead, stuck or healthy")
-def check_worker_states(candidate):
+def check_worker_states(candidate, hidden=False):
     refuse_reference(candidate, FailureDetector)
-    for what, events, now in STATE_CASES:
+    for label, (what, events, now) in labelled_cases(STATE_CASES, STATE_HIDDEN, hidden):
+        what = f"{label}{what}"
         want = _reference_states(events, now, HEARTBEAT_TIMEOUT, PROGRESS_TIMEOUT)
         got = candidate(list(events), now, HEARTBEAT_TIMEOUT, PROGRESS_TIMEOUT)
         case = (f"{what}: events {events}, now = {now}, heartbeat_timeout = {HEARTBEAT_TIMEOUT}, "
@@ -131,7 +140,7 @@ def check_worker_states(candidate):
             raise Incorrect(f"{said}: dead when no heartbeat for longer than the heartbeat timeout; else "
                             f"stuck when it holds requests and made no progress for longer than the "
                             f"progress timeout; else healthy")
-    return f"right on {len(STATE_CASES)} scripted streams"
+    return with_hidden(f"right on {len(STATE_CASES)} scripted streams", STATE_HIDDEN, hidden)
 
 
 # -- 07.retry_budget (stretch) ----------------------------------------------------------------

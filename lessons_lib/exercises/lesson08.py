@@ -17,6 +17,7 @@ import torch
 from ..serving.policies import block_hashes
 from ..serving.security import ReplayWindow, TensorOpener, TensorSealer, new_key
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
+from .check import labelled_cases, with_hidden
 
 # -- 08.predict_sealed_bytes (predict) --------------------------------------------------------
 SEAL_SHAPE, SEAL_DTYPE = (3, 5), torch.bfloat16
@@ -75,12 +76,18 @@ WINDOW_CASES = [
     ("window of one", [1, 2, 2, 4, 3], 1),
     ("a replay of an old message still in the window", [5, 1, 9, 6, 7, 6], 4),
 ]
+WINDOW_HIDDEN = [  # grading only
+    ("no messages", [], 3),
+    ("a wide window after a jump", [3, 1, 2, 3, 20, 5, 4, 5, 19, 19], 16),
+    ("the first message far from 1", [1000, 999, 1000, 997, 996], 4),
+]
 
 
 @exercise("08.replay_window", "a sliding anti-replay window")
-def check_replay_window(candidate):
+def check_replay_window(candidate, hidden=False):
     refuse_reference(candidate, ReplayWindow, TensorOpener)
-    for what, seqs, window in WINDOW_CASES:
+    for label, (what, seqs, window) in labelled_cases(WINDOW_CASES, WINDOW_HIDDEN, hidden):
+        what = f"{label}{what}"
         want = _reference_verdicts(seqs, window)
         got = candidate(list(seqs), window)
         case = f"{what}: sequence numbers {seqs}, window {window}"
@@ -103,7 +110,8 @@ def check_replay_window(candidate):
                                 f"{top - window}, where the window no longer remembers what was accepted, "
                                 f"so it must be refused as too old")
             raise Incorrect(f"{said} (window: highest - window < seq; inside it, each number once)")
-    return f"right on {len(WINDOW_CASES)} streams: in order, reordered, replayed, too old"
+    return with_hidden(f"right on {len(WINDOW_CASES)} streams: in order, reordered, replayed, too old",
+                       WINDOW_HIDDEN, hidden)
 
 
 # -- 08.tenant_blocks (stretch) ---------------------------------------------------------------

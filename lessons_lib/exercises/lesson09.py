@@ -16,6 +16,7 @@ from ..comm.schedule import chunk_bounds
 from ..parallel.data import row_range, split_sizes
 from ..parallel.tensor import shard_indices
 from .check import PREDICT_TOLERANCE, Incorrect, exercise, judge_prediction, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 
 # -- predict: the bytes one tensor-parallel rank holds for an int4 layer ------------------
 TP_RANKS, OUT_FEATURES, IN_FEATURES, GROUP_SIZE = 4, 11008, 4096, 128
@@ -76,6 +77,15 @@ def _int4_cases() -> list[tuple[str, torch.Tensor, int]]:
             ("w of shape (5, 32), group_size=32", c, 32)]
 
 
+def _int4_hidden_cases() -> list[tuple[str, torch.Tensor, int]]:
+    """Grading only: another seed and dtype, and a weight that is a transposed view."""
+    g = torch.Generator().manual_seed(19)
+    d = torch.randn(2, 12, generator=g, dtype=torch.float64) * 3
+    e = torch.randn(8, 6, generator=g).T    # (6, 8), not contiguous: w.view(...) fails, reshape works
+    return [("w of shape (2, 12) float64, group_size=3", d, 3),
+            ("w of shape (6, 8), a transposed view (not contiguous), group_size=4", e, 4)]
+
+
 def _where(row: int, group: int, g: int) -> str:
     return f"row {row}, group {group} (inputs {group * g}..{group * g + g - 1})"
 
@@ -85,6 +95,7 @@ def _first(mask: torch.Tensor) -> tuple[int, ...]:
 
 
 def _check_scales(case: str, w: torch.Tensor, g: int, scales: torch.Tensor) -> None:
+    w = w.float()   # scales are compared in float32, whatever the weight's dtype
     out, n = w.shape
     groups = w.reshape(out, n // g, g)
     amax = groups.abs().amax(dim=2)
@@ -130,7 +141,14 @@ def _check_scales(case: str, w: torch.Tensor, g: int, scales: torch.Tensor) -> N
 def _check_int4(candidate, case: str, w: torch.Tensor, g: int) -> None:
     out, n = w.shape
     given = w.clone()
-    result = candidate(given, g)
+    try:
+        result = candidate(given, g)
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a learner's error is a hint that names the case
+        view = (": w is a view with other strides here; w.reshape(...) copies when it must, "
+                "w.view(...) cannot" if "view" in str(exc) and not w.is_contiguous() else "")
+        raise Incorrect(f"{case}: your code raised {type(exc).__name__}: {exc}{view}") from None
     if not torch.equal(given, w):
         raise Incorrect(f"{case}: your function changed w in place; quantising must leave the weight alone")
     if not (isinstance(result, tuple) and len(result) == 2):
@@ -188,13 +206,14 @@ def _check_int4(candidate, case: str, w: torch.Tensor, g: int) -> None:
 
 
 @exercise("09.quantize_int4", "build: symmetric int4 with one scale per group of inputs")
-def check_quantize_int4(candidate):
+def check_quantize_int4(candidate, hidden=False):
     refuse_reference(candidate, quantize_int4, dequantize_int4, Int4Linear, quantize_model,
                      quantization._stored_scale)
-    for case, w, g in _int4_cases():
-        _check_int4(candidate, case, w, g)
-    return ("codes in [-7, 7], one scale max|w| / 7 per group, every weight within scale / 2 "
-            "(an outlier, a negative maximum and an all-zero group included)")
+    hidden_cases = _int4_hidden_cases() if hidden else []
+    for label, (case, w, g) in labelled_cases(_int4_cases(), hidden_cases, hidden):
+        _check_int4(candidate, f"{label}{case}", w, g)
+    return with_hidden("codes in [-7, 7], one scale max|w| / 7 per group, every weight within scale / 2 "
+                       "(an outlier, a negative maximum and an all-zero group included)", hidden_cases, hidden)
 
 
 # -- stretch: the shards of a row-parallel int4 layer -------------------------------------

@@ -14,6 +14,7 @@ from ..caching import (BlockAllocator, KVBlockPool, OutOfBlocksError, PagedSeque
 from ..caching.paged_kv import _PagedLayerView
 from ..model import ModelConfig, TinyLM, kv_cache_bytes_per_token
 from .check import Incorrect, exercise, refuse_reference
+from .check import labelled_cases, with_hidden
 from .check import judge_prediction
 
 # -- predict: requests admitted by a paged KV pool of a fixed size -------------------------
@@ -219,6 +220,26 @@ SCENARIOS = [
         ("admit", "A2 = S + a + [2]", _seq(_S, _A, [2])),
     ]),
 ]
+HIDDEN_SCENARIOS = [  # grading only
+    ("prompts of whole blocks and a pool that fills", 4, [
+        ("admit", "W = S (8 tokens)", list(_S)),
+        ("admit", "W2 = S (8 tokens)", list(_S)),
+        ("admit", "Z (1 token)", [200]),
+        ("admit", "Y (1 token)", [201]),
+        ("release", "W"),
+        ("admit", "Y2 (1 token)", [202]),
+        ("admit", "A = S + a + [1]", _seq(_S, _A, [1])),
+        ("release", "W2"),
+        ("admit", "A2 = S + a + [2]", _seq(_S, _A, [2])),
+    ]),
+    ("a pool of one block", 1, [
+        ("admit", "X (4 tokens)", [300, 301, 302, 303]),
+        ("admit", "X2 (4 tokens)", [300, 301, 302, 303]),
+        ("release", "X"),
+        ("admit", "X3 (5 tokens)", [300, 301, 302, 303, 304]),
+        ("admit", "Q (3 tokens)", [310, 311, 312]),
+    ]),
+]
 LEGEND = "S = tokens 1..8 (two blocks), a = 20..23, b = 30..33, T = 40..47"
 
 
@@ -226,8 +247,8 @@ def _label(step) -> str:
     return step[1].split(" ")[0]
 
 
-def _story(num_blocks: int, done: list[str]) -> str:
-    return (f"a pool of {num_blocks} blocks of {BS} tokens ({LEGEND}): " + ", ".join(done))
+def _story(num_blocks: int, done: list[str], label: str = "") -> str:
+    return (f"{label}a pool of {num_blocks} blocks of {BS} tokens ({LEGEND}): " + ", ".join(done))
 
 
 def _diagnose(outcomes: list, variants: dict[str, list]) -> str:
@@ -253,7 +274,7 @@ def _run_variants(num_blocks: int, steps, mistakes) -> dict[str, list]:
     return seen
 
 
-def _check_scenario(candidate, num_blocks: int, steps, plausible: set) -> None:
+def _check_scenario(candidate, num_blocks: int, steps, plausible: set, label: str = "") -> None:
     """Drive the answer through ``steps`` beside the reference; ``plausible`` (the mistakes the
     answer has not been cleared of yet) loses those that behave differently from it here."""
     cache = candidate(num_blocks, BS)
@@ -265,7 +286,7 @@ def _check_scenario(candidate, num_blocks: int, steps, plausible: set) -> None:
     done, outcomes = [], []
     for step in steps:
         label = _label(step)
-        story = _story(num_blocks, done)
+        story = _story(num_blocks, done, label)
         if step[0] == "release":
             try:
                 cache.release(list(tables[label]))
@@ -367,13 +388,14 @@ def _check_scenario(candidate, num_blocks: int, steps, plausible: set) -> None:
 
 
 @exercise("10.prefix_blocks", "build: a prefix cache with reference counts and tail-first eviction")
-def check_prefix_blocks(candidate):
+def check_prefix_blocks(candidate, hidden=False):
     refuse_reference(candidate, PrefixCache, block_hashes, BlockAllocator, prefill)
     plausible = set(MISTAKES)
-    for _, num_blocks, steps in SCENARIOS:
-        _check_scenario(candidate, num_blocks, steps, plausible)
-    return ("shares exactly the cached prefix, never reuses a held block, refuses what does not "
-            "fit without leaking, and evicts least recently released blocks, tail first")
+    for label, (_, num_blocks, steps) in labelled_cases(SCENARIOS, HIDDEN_SCENARIOS, hidden):
+        _check_scenario(candidate, num_blocks, steps, plausible, label)
+    return with_hidden("shares exactly the cached prefix, never reuses a held block, refuses what does not "
+                       "fit without leaking, and evicts least recently released blocks, tail first",
+                       HIDDEN_SCENARIOS, hidden)
 
 
 # -- stretch: a paged KV append that misplaces nothing and leaks nothing -------------------

@@ -13,6 +13,7 @@ from ..model import ModelConfig, generate
 from ..parallel.data import (DataParallelInference, data_parallel_generate, gather_rows, local_rows,
                              row_range, split_sizes)
 from .check import Incorrect, exercise, refuse_reference, run_ranks
+from .check import labelled_cases, with_hidden
 from .check import judge_prediction
 
 LIBRARY = (gather_rows, DataParallelInference, data_parallel_generate, local_rows, row_range, split_sizes,
@@ -124,6 +125,8 @@ def check_gather_bytes(candidate):
 # 2 on 4 (two ranks with no rows) as token ids; an empty batch.
 GATHER_CASES = ((3, (3, 2, 1), (2,), torch.float32), (4, (2, 1, 1, 1), (3, 5), torch.float32),
                 (4, (1, 1, 0, 0), (6,), torch.int64), (2, (0, 0), (4,), torch.float32))
+# Grading only: 5 ranks, rank 0 empty and the most rows on rank 3, float64; equal int32 slices.
+GATHER_HIDDEN = ((5, (0, 3, 1, 4, 2), (2,), torch.float64), (5, (1, 1, 1, 1, 1), (3,), torch.int32))
 
 
 def _slice(rank: int, rows: int, trailing: tuple, dtype) -> torch.Tensor:
@@ -190,11 +193,11 @@ def _judge_gather(case: str, rank: int, got, rows, trailing, dtype) -> None:
 
 
 @exercise("11.gather_rows", "build: gather uneven per-rank slices in rank order, on real ranks")
-def check_gather_rows(candidate):
+def check_gather_rows(candidate, hidden=False):
     refuse_reference(candidate, *LIBRARY)
-    for world, rows, trailing, dtype in GATHER_CASES:
+    for label, (world, rows, trailing, dtype) in labelled_cases(GATHER_CASES, GATHER_HIDDEN, hidden):
         n = sum(rows)
-        case = (f"p={world}, rows per rank {list(rows)} ({n} in all), slices of shape "
+        case = (f"{label}p={world}, rows per rank {list(rows)} ({n} in all), slices of shape "
                 f"(rows, {', '.join(map(str, trailing))}) {str(dtype).replace('torch.', '')}")
         empty = [r for r in range(world) if rows[r] == 0]
         results = _ranks(_gather_on_rank, world, candidate, rows, trailing, dtype, what=case,
@@ -206,8 +209,8 @@ def check_gather_rows(candidate):
                             "rank's count. Trim part r to rank r's count (exchange the counts first)")
         for rank, got in enumerate(results):
             _judge_gather(case, rank, got, rows, trailing, dtype)
-    return ("every rank gets every slice in rank order: uneven slices, 3-D slices, ranks with no "
-            "rows, int64 token ids and an empty batch")
+    return with_hidden("every rank gets every slice in rank order: uneven slices, 3-D slices, ranks with no "
+                       "rows, int64 token ids and an empty batch", GATHER_HIDDEN, hidden)
 
 
 # -- stretch: data-parallel generation that stops at EOS ----------------------------------

@@ -20,6 +20,7 @@ from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import ParallelLMHead, VocabParallelEmbedding, shard_indices
 from .check import (COLLECTIVES, Incorrect, exercise, judge_prediction, predicted_number, raise_if_stub,
                     recording_collectives, refuse_reference, run_ranks)
+from .check import labelled_cases, with_hidden
 
 # -- 12.predict_rank_bytes (predict) ----------------------------------------------------------
 RANK_TP = 4
@@ -88,6 +89,7 @@ def argmax_logits(batch: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 ARGMAX_CASES = [(2, 10, 3), (3, 10, 2), (4, 6, 3), (4, 3, 2)]   # (ranks, vocab, batch): 3 on 4 leaves one empty
+ARGMAX_HIDDEN = [(5, 13, 4), (5, 4, 2)]   # grading only: slices 3, 3, 3, 2, 2; then 4 on 5 leaves one empty
 
 
 def _argmax_on_rank(candidate, vocab, batch, seed):
@@ -101,12 +103,12 @@ def _argmax_on_rank(candidate, vocab, batch, seed):
 
 
 @exercise("12.vocab_argmax", "greedy argmax over vocabulary-parallel logits, without gathering them")
-def check_vocab_argmax(candidate):
+def check_vocab_argmax(candidate, hidden=False):
     refuse_reference(candidate, ParallelLMHead, VocabParallelEmbedding, run_distributed, run_ranks)
     raise_if_stub(candidate)
-    for p, vocab, batch in ARGMAX_CASES:
+    for label, (p, vocab, batch) in labelled_cases(ARGMAX_CASES, ARGMAX_HIDDEN, hidden):
         seed = 10 * p + vocab
-        case = f"p={p} ranks, vocab {vocab} split {[b - a for a, b in vocab_slices(vocab, p)]}, batch {batch}"
+        case = f"{label}p={p} ranks, vocab {vocab} split {[b - a for a, b in vocab_slices(vocab, p)]}, batch {batch}"
         full = argmax_logits(batch, vocab, seed)
         want = full.argmax(dim=-1)
         results = run_ranks(_argmax_on_rank, p, candidate, vocab, batch, seed, what=case)
@@ -142,7 +144,8 @@ def check_vocab_argmax(candidate):
                                 f"break ties towards the smallest id, so TP decodes as one process does")
             raise Incorrect(f"{case}, row {row}: you returned {int(got[row])}, expected {int(want[row])}: "
                             f"compare the ranks' best values first, then take the index of the winner")
-    return "the global argmax on every rank, ties to the smallest id, from 2 numbers per row per rank"
+    return with_hidden("the global argmax on every rank, ties to the smallest id, from 2 numbers per row "
+                       "per rank", ARGMAX_HIDDEN, hidden)
 
 
 # -- 12.fused_qkv_shard (stretch) -------------------------------------------------------------

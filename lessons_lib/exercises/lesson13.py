@@ -21,6 +21,7 @@ from ..parallel.pipeline import PipelineInference, execute, partition_layers, se
 from ..parallel.pipeline.p2p import TensorReceiver, decode_header, encode_header
 from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
                     run_ranks)
+from .check import labelled_cases, with_hidden
 
 # -- 13.predict_stage_bytes (predict) ---------------------------------------------------------
 PRED_STAGES, PRED_MICRO, PRED_BATCH, PRED_PROMPT, PRED_NEW = 3, 3, 6, 8, 5
@@ -107,6 +108,7 @@ def _stage_loop_on_rank(candidate, lengths):
 
 
 CASES = [(2, (5, 1, 1, 1)), (3, (4, 4, 4)), (3, (7, 1, 1, 3, 1)), (4, (3, 1, 1))]
+HIDDEN_CASES = [(5, (2, 6, 1, 1)), (3, (1,))]   # grading only: five stages; a single step
 
 
 def _diagnose_outputs(p, lengths, outs, case) -> None:
@@ -145,11 +147,11 @@ def _diagnose_outputs(p, lengths, outs, case) -> None:
 
 
 @exercise("13.stage_loop", "a pipeline stage's loop: receive, compute, send, with a shape header")
-def check_stage_loop(candidate):
+def check_stage_loop(candidate, hidden=False):
     refuse_reference(candidate, send_tensor, TensorReceiver, execute, PipelineInference,
                      encode_header, decode_header, run_distributed, run_ranks)
-    for p, lengths in CASES:
-        case = f"p={p} stages, steps of lengths {list(lengths)}"
+    for label, (p, lengths) in labelled_cases(CASES, HIDDEN_CASES, hidden):
+        case = f"{label}p={p} stages, steps of lengths {list(lengths)}"
         try:
             results = run_ranks(_stage_loop_on_rank, p, candidate, lengths, what=case)
         except Incorrect as failed:
@@ -166,8 +168,8 @@ def check_stage_loop(candidate):
             raise Incorrect(f"{case}: the last rank (rank {p - 1}) returned None; it holds the "
                             f"model's outputs: return them, one per step")
         _diagnose_outputs(p, lengths, results[-1], case)
-    return ("equal to the whole model at every step on 2, 3 and 4 stages, with lengths and batch "
-            "sizes changing between steps")
+    return with_hidden("equal to the whole model at every step on 2, 3 and 4 stages, with lengths and "
+                       "batch sizes changing between steps", HIDDEN_CASES, hidden)
 
 
 # -- 13.balanced_stages (stretch) -------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..parallel.mesh import Mesh, groups_along, mesh_grid
 from ..parallel.pipeline import generate_on_mesh
 from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
                     run_ranks)
+from .check import labelled_cases, with_hidden
 
 # -- 14.predict_mesh_bytes (predict) ----------------------------------------------------------
 MESH_TP, MESH_PP, MESH_BATCH, MESH_PROMPT, MESH_NEW = 2, 2, 4, 6, 3
@@ -77,6 +78,7 @@ def check_predict_mesh_bytes(candidate):
 # -- 14.mesh_groups (build) -------------------------------------------------------------------
 MESH_CASES = [(6, 2, 2, 2), (5, 2, 2, 2), (0, 1, 1, 1), (7, 3, 1, 4), (11, 2, 3, 2), (3, 4, 2, 1),
               (13, 1, 4, 4)]   # (rank, dp, pp, tp)
+MESH_HIDDEN = [(29, 3, 5, 2), (4, 5, 1, 1), (3, 1, 6, 1), (17, 2, 3, 3)]   # grading only
 
 
 def _reference_groups(rank, dp, pp, tp):
@@ -87,10 +89,10 @@ def _reference_groups(rank, dp, pp, tp):
 
 
 @exercise("14.mesh_groups", "a rank's mesh coordinates and the ranks of its TP, PP and DP groups")
-def check_mesh_groups(candidate):
+def check_mesh_groups(candidate, hidden=False):
     refuse_reference(candidate, Mesh, mesh_grid, groups_along)
-    for rank, dp, pp, tp in MESH_CASES:
-        case = f"rank {rank} of a dp={dp} x pp={pp} x tp={tp} mesh"
+    for label, (rank, dp, pp, tp) in labelled_cases(MESH_CASES, MESH_HIDDEN, hidden):
+        case = f"{label}rank {rank} of a dp={dp} x pp={pp} x tp={tp} mesh"
         got = candidate(rank, dp, pp, tp)
         want = _reference_groups(rank, dp, pp, tp)
         if not isinstance(got, dict) or set(got) != set(want):
@@ -118,7 +120,8 @@ def check_mesh_groups(candidate):
                                 f"list them by their {axis} coordinate: {want[axis]} (a rank's index in "
                                 f"the list is its rank inside the group)")
             raise Incorrect(f"{case}: your {axis} group is {ranks}, expected {want[axis]}")
-    return "coordinates and groups right on 7 meshes, from 1 rank to 16"
+    return with_hidden(f"coordinates and groups right on {len(MESH_CASES)} meshes, from 1 rank to 16",
+                       MESH_HIDDEN, hidden)
 
 
 # -- 14.dp_forward (stretch) ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..engine.scheduler import SchedulerOutput
 from ..model import generate, load_tiny_lm
 from ..viz.engine import continuous_slots, static_slots
 from .check import Incorrect, exercise, judge_prediction, refuse_reference
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 # -- predict: the slots static batching spends on padding --------------------------------------
 OUTPUT_LENGTHS = [5, 12, 3, 8, 20, 4, 6, 9, 2, 15]      # max_tokens of each request, in arrival order
@@ -212,6 +213,12 @@ UNIT_STEPS = [
     ("the budget runs out inside the running list", [("a", 1), ("b", 6), ("c", 1)], [("d", 2)], 5, 4),
     ("max_num_seqs already reached", [("a", 1), ("b", 1)], [("c", 3), ("d", 3), ("e", 3)], 16, 2),
 ]
+HIDDEN_STEPS = [  # grading only
+    ("a budget of one token, a prefilling request first", [("a", 5), ("b", 1)], [("c", 2)], 1, 4),
+    ("nothing running: the queue fills max_num_seqs", [], [("a", 3), ("b", 3), ("c", 3), ("d", 3)], 100, 3),
+    ("a prompt that uses exactly the budget left", [("a", 1)], [("b", 7), ("c", 1)], 8, 4),
+    ("more running requests than budget", [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)], [("f", 1)], 3, 6),
+]
 
 # Engine runs: (case, engine settings, arrivals as (step, request id, prompt length, max_tokens)).
 ENGINE_RUNS = [
@@ -289,14 +296,15 @@ def _engine_run(candidate, case, settings, arrivals) -> None:
 
 
 @exercise("15.schedule_step", "build: one step of a first-come-first-served token-budget scheduler")
-def check_schedule_step(candidate):
+def check_schedule_step(candidate, hidden=False):
     refuse_reference(candidate, Scheduler, LLMEngine)
-    for case, running, waiting, budget, max_seqs in UNIT_STEPS:
-        _judge_step(candidate, case, running, waiting, budget, max_seqs)
-    for case, settings, arrivals in ENGINE_RUNS:
+    for label, (case, running, waiting, budget, max_seqs) in labelled_cases(UNIT_STEPS, HIDDEN_STEPS, hidden):
+        _judge_step(candidate, f"{label}{case}", running, waiting, budget, max_seqs)
+    for case, settings, arrivals in ENGINE_RUNS if hidden != HIDDEN_ONLY else ():
         _engine_run(candidate, case, settings, arrivals)
-    return ("running requests first, oldest first; then the queue in order with chunked prefill, "
-            "within the budget and max_num_seqs; the engine served every request as generate() alone")
+    return with_hidden("running requests first, oldest first; then the queue in order with chunked prefill, "
+                       "within the budget and max_num_seqs; the engine served every request as generate() "
+                       "alone", HIDDEN_STEPS, hidden)
 
 
 # -- stretch: an admission queue that starves a long request and leaks blocks on abort -------

@@ -15,6 +15,7 @@ from ..model import generate, load_tiny_lm
 from ..speculative import (CoinFlipDraft, expected_speedup, expected_tokens_per_forward, greedy_verify,
                            speculative_generate)
 from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,6 +164,11 @@ VERIFY_CASES = [
     ("no proposal (the last token of a generation)", [], [6]),
     ("repeated tokens", [2, 2, 2], [2, 2, 5, 2]),
 ]
+VERIFY_HIDDEN = [  # grading only
+    ("eight proposals, all accepted", [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 11]),
+    ("only the last proposal rejected", [5, 6, 7, 8, 9], [5, 6, 7, 8, 0, 3]),
+    ("token 0 and the largest id", [0, 11], [0, 11, 0]),
+]
 
 
 def _as_pair(got, story: str) -> tuple[int, int]:
@@ -204,12 +210,12 @@ def _prompt(text: str) -> tuple:
 
 
 @exercise("16.greedy_verify", "build: the greedy verify-and-accept step of speculative decoding")
-def check_greedy_verify(candidate):
+def check_greedy_verify(candidate, hidden=False):
     refuse_reference(candidate, greedy_verify, speculative_generate)
-    for case, proposal, choices in VERIFY_CASES:
-        _judge_verify(candidate, case, proposal, choices)
+    for label, (case, proposal, choices) in labelled_cases(VERIFY_CASES, VERIFY_HIDDEN, hidden):
+        _judge_verify(candidate, f"{label}{case}", proposal, choices)
     target, draft = _models()
-    for text in VERIFY_PROMPTS:
+    for text in VERIFY_PROMPTS if hidden != HIDDEN_ONLY else ():
         for k in (1, 4, 7):
             prompt, story = _prompt(text), f"on the real models, prompt {text!r}, k={k}"
 
@@ -223,8 +229,8 @@ def check_greedy_verify(candidate):
                 at = int((ids[0, :expected.shape[1]] != expected[0]).nonzero()[0])
                 raise Incorrect(f"{story}: token {at - len(prompt)} is {int(ids[0, at])}, the target's "
                                 f"own greedy decoding gives {int(expected[0, at])}")
-    return ("keeps the longest agreeing prefix and the target's next token; inside speculative decoding "
-            "the tiny LM's output is unchanged for k = 1, 4, 7")
+    return with_hidden("keeps the longest agreeing prefix and the target's next token; inside speculative "
+                       "decoding the tiny LM's output is unchanged for k = 1, 4, 7", VERIFY_HIDDEN, hidden)
 
 
 # -- stretch: a speculative loop that forgets to roll back ---------------------------------------------

@@ -16,6 +16,7 @@ from ..model import generate, load_tiny_lm
 from ..model.generate import sample_next_token
 from ..model.kv_cache import kv_cache_bytes_per_token
 from .check import Incorrect, exercise, judge_prediction, raise_if_stub, refuse_reference, run_ranks
+from .check import HIDDEN_ONLY, labelled_cases, with_hidden
 
 LIBRARY = (pack_kv, unpack_kv, PrefillWorker, DecodeWorker, serve_on_ranks, send_bytes, recv_bytes)
 
@@ -108,6 +109,10 @@ PACK_CASES = [   # (what, block table, tokens)
     ("two full blocks", [3, 8], 8),
     ("one token", [6], 1),
 ]
+PACK_HIDDEN = [  # grading only
+    ("a table longer than the tokens need", [4, 1, 8], 5),
+    ("blocks in descending order, three slots of the last filled", [8, 5, 1], 11),
+]
 
 
 def _reference_payload(pool, table, num_tokens):
@@ -150,9 +155,9 @@ PACK_MISTAKES = {
 }
 
 
-def _judge_pack(codec, what, table, num_tokens) -> torch.Tensor:
+def _judge_pack(codec, what, table, num_tokens, label: str = "") -> torch.Tensor:
     pool = _pool()
-    story = f"pack with block_table={table}, num_tokens={num_tokens} ({what}), blocks of {pool.block_size}"
+    story = f"{label}pack with block_table={table}, num_tokens={num_tokens} ({what}), blocks of {pool.block_size}"
     got = codec.pack([k.clone() for k in pool.k], [v.clone() for v in pool.v], list(table), num_tokens)
     expected = _reference_payload(pool, table, num_tokens)
     if not isinstance(got, torch.Tensor):
@@ -184,11 +189,11 @@ def _same_pools(a: KVBlockPool, b: KVBlockPool) -> bool:
     return all(torch.equal(x.nan_to_num(7.5), y.nan_to_num(7.5)) for x, y in zip(a.k + a.v, b.k + b.v))
 
 
-def _judge_unpack(codec, what, table, num_tokens) -> None:
+def _judge_unpack(codec, what, table, num_tokens, label: str = "") -> None:
     sender = _pool()
     payload = _reference_payload(sender, [9, 0, 4][:blocks_needed(num_tokens, 4)], num_tokens)
     pool = _pool(fill=float("nan"))
-    story = f"unpack of {num_tokens} tokens into block_table={table} ({what}), blocks of {pool.block_size}"
+    story = f"{label}unpack of {num_tokens} tokens into block_table={table} ({what}), blocks of {pool.block_size}"
     codec.unpack(payload.clone(), pool.k, pool.v, list(table))
     expected = _pool(fill=float("nan"))
     unpack_kv(payload, expected, table)
@@ -252,25 +257,25 @@ def _codec_on_ranks(codec, prompt_len: int, decode_steps: int):
 
 
 @exercise("17.pack_unpack", "build: pack a request's KV blocks for the transfer and unpack them on the decode rank")
-def check_pack_unpack(candidate):
+def check_pack_unpack(candidate, hidden=False):
     refuse_reference(candidate, *LIBRARY)
     codec = candidate() if isinstance(candidate, type) else candidate
     for name in ("pack", "unpack"):
         if not callable(getattr(codec, name, None)):
             raise Incorrect(f"{type(codec).__name__} has no method {name}(...): write both pack and unpack")
-    for what, table, n in PACK_CASES:
-        _judge_pack(codec, what, table, n)
-    for what, table, n in PACK_CASES:
-        _judge_unpack(codec, what, table, n)
-    for prompt_len in (37, 48):
+    for label, (what, table, n) in labelled_cases(PACK_CASES, PACK_HIDDEN, hidden):
+        _judge_pack(codec, what, table, n, label)
+    for label, (what, table, n) in labelled_cases(PACK_CASES, PACK_HIDDEN, hidden):
+        _judge_unpack(codec, what, table, n, label)
+    for prompt_len in (37, 48) if hidden != HIDDEN_ONLY else ():
         case = f"on two ranks: a {prompt_len}-token prompt prefilled on rank 0, decoded on rank 1"
         tokens = run_ranks(_codec_on_ranks, 2, codec, prompt_len, 5, what=case)[1]
         prompt = [(29 * i + 3) % 250 + 1 for i in range(prompt_len)]
         expected = generate(_model(), torch.tensor([prompt]), 6)[0, prompt_len:].tolist()
         if tokens != expected:
             raise Incorrect(f"{case}: rank 1 decoded {tokens}, generate() on one process gives {expected}")
-    return ("the payload is exactly the prompt's KV in table order; the decode rank continued the real model's "
-            "generation token for token")
+    return with_hidden("the payload is exactly the prompt's KV in table order; the decode rank continued the "
+                       "real model's generation token for token", PACK_HIDDEN, hidden)
 
 
 # -- stretch: a block transfer that sends blocks in the wrong order and drops the partial block ----
