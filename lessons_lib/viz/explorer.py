@@ -138,10 +138,12 @@ class Explorer(FallbackBox):
         self._caption()
 
     def _caption(self) -> None:
-        line = html.escape(self.text).replace("\n", "<br>")
+        # Several lines (a summary, a table) keep their layout in a monospaced block.
+        tag = "pre" if "\n" in self.text else "span"
+        line = f"<{tag} class='explorer-text'>{html.escape(self.text)}</{tag}>" if self.text else ""
         if self.error:
             line = f"<b>{html.escape(self.error)}</b>" + (f"<br>still showing: {line}" if line else "")
-        self.caption.value = f"<span class='explorer-text'>{line}</span>"
+        self.caption.value = line
 
     def _static_line(self) -> str:
         return self.text + (f"\nrefused: {self.error}" if self.error else "")
