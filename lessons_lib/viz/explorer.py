@@ -60,8 +60,9 @@ class Explorer(FallbackBox):
                 not all(isinstance(c, widgets.ValueWidget) for c in controls.values()):
             raise bad("controls", controls, "a non-empty dict of name -> ipywidgets control")
         for name, fn in (("data", data), ("draw", draw), ("text", text), ("on_change", on_change)):
-            if fn is not None and not callable(fn):
-                raise bad(name, fn, "a function")
+            if not callable(fn) and (fn is not None or name == "data"):
+                raise bad(name, fn, "a function of the controls' values, returning a dict" if name == "data"
+                          else "a function")
         self.controls = dict(controls)
         self.rows = [list(r) for r in rows] if rows is not None else [[name] for name in controls]
         placed = [name for r in self.rows for name in r]
@@ -78,7 +79,7 @@ class Explorer(FallbackBox):
         self._png: bytes | None = None
         self._busy = False
         super().__init__([], title=title, picture=lambda: self._png, text=self._static_line)
-        for name, control in self.controls.items():
+        for control in self.controls.values():
             control.observe(self._moved, names="value")
         self._arrange()
         self._show(self._data_fn(**self.values()))   # the initial values must be valid: raise if not

@@ -50,7 +50,8 @@ def placement_text(data: dict) -> str:
             f"bf16): TP {b['tp']:,.0f} + PP {b['pp']:,.0f} = {b['total']:,.0f}")
 
 
-def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192, n_layers: int = 80) -> Explorer:
+def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192,
+                     n_layers: int = 80) -> Explorer:
     """Choose the plan and the fill order; see the grid and the cross-node bytes per token.
 
     Controls: ``plan`` (a dropdown of ``(tp, pp, dp)`` values) and ``order`` (good / bad fill
@@ -66,8 +67,8 @@ def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 81
     controls = {
         "plan": widgets.Dropdown(options=[(f"tp={t} pp={p} dp={d}", (t, p, d)) for t, p, d in plans],
                                  value=first, description="plan"),
-        "order": widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER), ("PP inside a node", BAD_ORDER)],
-                                       description="placement"),
+        "order": widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER),
+                                                ("PP inside a node", BAD_ORDER)], description="placement"),
     }
     return Explorer(controls, partial(placement_data, nodes=nodes, devices_per_node=devices_per_node,
                                       hidden=hidden, n_layers=n_layers),
