@@ -116,20 +116,20 @@ def test_bad_inputs_name_the_parameter(kwargs, words):
 
 def test_calculator_widget_recomputes_when_a_control_moves():
     calc = MemoryCalculator(model="Llama-2-70B", device_gib=80)
-    assert not calc.report["fits"]
+    assert not calc.data["fits"]
     calc.controls["strategy"].value = "tensor"
     calc.controls["devices"].value = 4
-    assert calc.report["fits"] and calc.report["devices"] == 4
-    before = calc.report["gib"]["kv_cache"]
+    assert calc.data["fits"] and calc.data["devices"] == 4
+    before = calc.data["gib"]["kv_cache"]
     calc.controls["context"].value = 8192
-    assert calc.report["gib"]["kv_cache"] == pytest.approx(2 * before)
+    assert calc.data["gib"]["kv_cache"] == pytest.approx(2 * before)
 
 
 def test_calculator_explains_an_impossible_choice_and_keeps_its_report():
     calc = MemoryCalculator(strategy="data", devices=4, batch=4)
     calc.controls["batch"].value = 2
-    assert "batch=2 is not valid: expected at least devices=4" in calc.message.value
-    assert calc.report["devices"] == 4
+    assert "batch=2 is not valid: expected at least devices=4" in calc.error
+    assert "batch=2 is not valid" in calc.caption.value and calc.data["devices"] == 4
 
 
 def test_report_is_plain_data():

@@ -68,12 +68,12 @@ def test_every_strategy_draws_one_bar_per_tensor_and_the_batch(strategy):
 
 def test_widget_callbacks_redraw_from_the_new_values():
     ui = ShardingWidget(ModelConfig(), batch=8, strategy="dp", world_size=2)
-    assert ui.layout["strategy"] == "dp" and ui.layout["batch"].pieces[1] == ((4, 8),)
-    ui.world_size.value = 4
-    assert ui.layout["world_size"] == 4 and ui.layout["batch"].pieces[3] == ((6, 8),)
-    ui.strategy.value = "tp"
-    assert _by_name(ui.layout)["attn.k_proj"].pieces[1] == ((0, 32),)
-    ui.world_size.value = 3
-    assert ui.layout is None and "n_heads=4" in ui.error
-    ui.strategy.value = "dp"
-    assert ui.error is None and ui.layout["world_size"] == 3
+    assert ui.data["strategy"] == "dp" and ui.data["batch"].pieces[1] == ((4, 8),)
+    ui.controls["world_size"].value = 4
+    assert ui.data["world_size"] == 4 and ui.data["batch"].pieces[3] == ((6, 8),)
+    ui.controls["strategy"].value = "tp"
+    assert _by_name(ui.data)["attn.k_proj"].pieces[1] == ((0, 32),)
+    ui.controls["world_size"].value = 3   # refused: the last layout stays, the reason is shown
+    assert ui.data["world_size"] == 4 and "n_heads=4" in ui.error and "n_heads=4" in ui.caption.value
+    ui.controls["strategy"].value = "dp"
+    assert ui.error is None and ui.data["world_size"] == 3

@@ -106,13 +106,13 @@ def test_ring_widget_redraws_when_the_step_changes():
     from lessons_lib.viz.ring import ring_frame, ring_widget
 
     w = ring_widget(3)
-    assert w.frame["fill"] == [[1] * 3] * 3 and w.frame["phase"] == "reduce-scatter"
-    w.step_slider.value = 2
-    assert w.frame == ring_frame(3, 2) and w.frame["phase"] == "all-gather"
-    w.p_slider.value = 5
-    assert w.step_slider.max == 8 and w.frame["p"] == 5
-    w.step_slider.value = 8
-    assert w.frame["fill"] == [[5] * 5] * 5 and w.frame["transfers"] == []
+    assert w.data["fill"] == [[1] * 3] * 3 and w.data["phase"] == "reduce-scatter"
+    w.controls["step"].value = 2
+    assert w.data == ring_frame(3, 2) and w.data["phase"] == "all-gather"
+    w.controls["p"].value = 5
+    assert w.controls["step"].max == 8 and w.data["p"] == 5
+    w.controls["step"].value = 8
+    assert w.data["fill"] == [[5] * 5] * 5 and w.data["transfers"] == []
 
 
 # -- the collectives on real ranks, against torch's own ---------------------------------

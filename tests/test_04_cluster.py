@@ -76,11 +76,12 @@ def test_placement_widget_redraws_when_the_order_changes():
     from lessons_lib.viz.placement import placement_widget
 
     w = placement_widget(2, 4)
-    good = w.bytes["total"]
-    w.order.value = BAD_ORDER
-    assert w.placement.devices != place_ranks(2, 4, 4, 2).devices and w.bytes["total"] > good
-    w.plan.value = (2, 2, 2)
-    assert (w.placement.tp, w.placement.pp, w.placement.dp) == (2, 2, 2)
+    good = w.data["bytes"]["total"]
+    w.controls["order"].value = BAD_ORDER
+    assert w.data["placement"].devices != place_ranks(2, 4, 4, 2).devices and w.data["bytes"]["total"] > good
+    w.controls["plan"].value = (2, 2, 2)
+    placement = w.data["placement"]
+    assert (placement.tp, placement.pp, placement.dp) == (2, 2, 2)
 
 
 # -- sharded loading ---------------------------------------------------------------------

@@ -115,6 +115,20 @@ def test_queue_series_is_a_step_function_of_the_timeline():
     assert set(s) == {"w0", "w1", "w2", "w3"} and all(v >= 0 for ys in s.values() for v in ys)
 
 
+def test_queue_widget_redraws_the_chosen_policy_and_window():
+    from lessons_lib.serving.simulate import SimResult
+    from lessons_lib.viz.queues import queue_widget
+
+    runs = [SimResult("a", timeline=[(0.0, "w0", 1), (1.0, "w1", 3), (2.0, "w1", 0)]),
+            SimResult("b", timeline=[(0.0, "w0", 2), (4.0, "w0", 0)])]
+    w = queue_widget(runs)
+    assert w.data["policy"] == "a" and w.data["peak"] == 3 and "longest queue 3" in w.text
+    w.controls["policy"].value = "b"
+    assert w.data["policy"] == "b" and w.data["window"] == (0.0, 4.0)
+    w.controls["window"].value = (0.0, 1.0)
+    assert w.figure.axes[0].get_xlim() == (0.0, 1.0) and w.data["peak"] == 2
+
+
 def test_kv_aware_weighs_reported_cached_blocks_against_load():
     prompt = tuple(range(1, 49))                       # three full blocks of 16
     hashes = block_hashes(prompt, 16)

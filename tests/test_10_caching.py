@@ -261,6 +261,6 @@ def test_widget_slider_redraws_the_chosen_step():
     import matplotlib
     matplotlib.use("Agg")
     box = kv_blocks_widget()
-    assert box.snapshot["step"] == 0
-    box.slider.value = 5
-    assert box.snapshot == box.snapshots[5] and box.snapshot["label"] == "finish A"
+    assert box.data["step"] == 0
+    box.controls["event"].value = 5
+    assert box.data == block_timeline(EXAMPLE_EVENTS)[5] and box.data["label"] == "finish A"

@@ -278,14 +278,14 @@ def test_widget_callbacks_redraw_on_every_control():
     import matplotlib
     matplotlib.use("Agg")
     w = PipelineBubbleWidget(n_stages=4, n_microbatches=4)
-    assert "3/7 = 0.429" in w.bubble.value
-    w.microbatches.value = 12
-    assert "3/15 = 0.200" in w.bubble.value and len(w.data["bars"]) == 48
-    w.stages.value = 2
-    assert "1/13 = 0.077" in w.bubble.value
-    w.schedule.value = ("1f1b", True)
+    assert "3/7 = 0.429" in w.caption.value
+    w.controls["n_microbatches"].value = 12
+    assert "3/15 = 0.200" in w.caption.value and len(w.data["bars"]) == 48
+    w.controls["n_stages"].value = 2
+    assert "1/13 = 0.077" in w.caption.value
+    w.controls["schedule"].value = ("1f1b", True)
     assert (w.data["schedule"], w.data["backward"]) == ("1f1b", True)
-    assert "activations held by a stage: 2" in w.bubble.value
+    assert "activations held by a stage: 2" in w.caption.value
     assert w.figure.axes[0].get_title().startswith("1F1B")   # the chart was redrawn too
 
 

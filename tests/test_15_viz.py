@@ -93,9 +93,10 @@ def test_widget_slider_redraws_the_chosen_step(run):
     matplotlib.use("Agg")
     _, _, snaps = run
     box = engine_widget(snaps)
-    assert box.snapshot is snaps[0]
-    box.slider.value = 3
-    assert box.snapshot is snaps[3] and box.slider.max == len(snaps) - 1
+    assert box.data is snaps[0]
+    box.controls["step"].value = 3
+    assert box.data is snaps[3] and box.controls["step"].max == len(snaps) - 1
+    assert box.text == step_summary(snaps[3])
 
 
 def test_static_slots_pad_each_batch_to_its_longest_request():

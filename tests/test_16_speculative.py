@@ -307,7 +307,7 @@ def test_round_picture_and_widget(models):
     assert round_cells(full)[-1][0] == "bonus" and "bonus" in round_summary(full)
     draw_round(rejected, decode=tok.decode)
     box = round_widget(trace, tok.decode)
-    box.slider.value = len(trace) - 1
-    assert box.record is trace[-1]
+    box.controls["round"].value = len(trace) - 1
+    assert box.data is trace[-1] and box.text == round_summary(trace[-1], tok.decode)
     with pytest.raises(BadArgument):
         round_widget([])

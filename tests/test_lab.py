@@ -76,27 +76,53 @@ def test_a_widget_shows_a_picture_and_plain_words_where_no_kernel_runs(name):
     assert "VBox(" not in bundle["text/plain"] and "interactive widget" in bundle["text/plain"]
 
 
-def test_interactive_figure_falls_back_on_the_figure_or_the_printed_text():
+def _squares(n, kind):
+    if n == 7:
+        raise ValueError("n=7 is not valid: expected anything but 7")
+    return {"n": n, "kind": kind, "ys": [k ** (2 if kind == "square" else 1) for k in range(n)]}
+
+
+def _draw_squares(data, ax):
+    ax.plot(data["ys"], label=data["kind"])
+    ax.set_axis_off()   # a bare line: fifty redraws stay quick
+
+
+def test_explorer_recomputes_data_words_and_picture_on_every_change():
     import base64
 
     import ipywidgets as widgets
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
 
-    from lessons_lib.viz.static import interactive_figure
+    from lessons_lib.validate import BadArgument
+    from lessons_lib.viz import Explorer
 
-    def plot(n):
-        fig = Figure(figsize=(2, 2))
-        fig.subplots().plot(range(n))
-        return fig
+    def controls(n=3):
+        return {"n": widgets.IntSlider(value=n, min=2, max=40),
+                "kind": widgets.Dropdown(options=[("k", "line"), ("k squared", "square")], value="line")}
 
-    box = interactive_figure(plot, title="a line", n=widgets.IntSlider(value=3, min=2, max=9))
-    assert base64.b64decode(box._repr_mimebundle_()["image/png"]).startswith(b"\x89PNG")
-    box.interactive.kwargs_widgets[0].value = 5
-    assert "n=5" in box._repr_mimebundle_()["text/plain"]
-
-    words = interactive_figure(lambda k: print(f"k is {k}"), title="words", k=(0, 4))
+    ex = Explorer(controls(), _squares, _draw_squares, title="a line", text=lambda d: f"{d['kind']} of {d['n']}",
+                  figsize=(1, 1))
+    assert ex.data["ys"] == [0, 1, 2] and ex.text == "line of 3" and "line of 3" in ex.caption.value
+    png = ex.output.outputs[0]["data"]["image/png"]
+    ex.controls["kind"].value = "square"   # a dropdown's value, not its label
+    assert ex.data["ys"] == [0, 1, 4] and ex.figure.axes[0].lines[0].get_label() == "square"
+    assert ex.output.outputs[0]["data"]["image/png"] != png
+    bundle = ex._repr_mimebundle_()
+    assert "square of 3" in bundle["text/plain"] and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
+    open_figures = plt.get_fignums()
+    for k in range(50):
+        ex.controls["n"].value = 8 + k % 30
+    assert plt.get_fignums() == open_figures and len(ex.output.outputs) == 1
+    assert ex.children[-1] is ex.output and ex.data["n"] == 8 + 49 % 30
+    ex.controls["n"].value = 7   # refused: the last data and picture stay, the reason is shown
+    assert ex.data["n"] == 8 + 49 % 30 and "n=7" in ex.error and "n=7" in ex.caption.value
+    with pytest.raises(ValueError, match="n=7"):
+        Explorer(controls(7), _squares, _draw_squares, title="bad start")
+    with pytest.raises(BadArgument, match="controls"):
+        Explorer({"n": 3}, _squares, _draw_squares, title="no control")
+    words = Explorer(controls(), _squares, title="words only", text=lambda d: f"sum {sum(d['ys'])}")
     bundle = words._repr_mimebundle_()
-    assert "image/png" not in bundle and "k is 2" in bundle["text/plain"]
+    assert "image/png" not in bundle and "sum 3" in bundle["text/plain"] and words.output not in words.children
 
 
 WIDGET_NOTEBOOKS = [p for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -124,9 +150,9 @@ def test_memory_calculator_disables_devices_while_the_strategy_is_single():
     from lessons_lib.viz.memory import MemoryCalculator
 
     calc = MemoryCalculator(strategy="single")
-    assert calc.controls["devices"].disabled and "one device" in calc.note.value
+    assert calc.controls["devices"].disabled and "one device" in calc.text
     calc.controls["strategy"].value = "tensor"
-    assert not calc.controls["devices"].disabled and calc.note.value == ""
+    assert not calc.controls["devices"].disabled and "one device" not in calc.text
     assert calc.controls["batch"].layout.width == "100%" == calc.controls["context"].layout.width
 
 
@@ -155,11 +181,12 @@ def test_ring_step_slider_follows_p():
     from lessons_lib.viz.ring import ring_widget
 
     w = ring_widget(4)
-    w.p_slider.value = 8
-    assert w.step_slider.max == 14
-    w.step_slider.value = 14
-    w.p_slider.value = 3
-    assert w.step_slider.max == 4 and w.step_slider.value == 4 and w.frame["step"] == 4
+    w.controls["p"].value = 8
+    assert w.controls["step"].max == 14
+    w.controls["step"].value = 14
+    w.controls["p"].value = 3
+    assert w.controls["step"].max == 4 and w.controls["step"].value == 4 and w.data["step"] == 4
+    assert w.controls["step"] in w.children   # the new slider is the one shown
 
 
 @pytest.mark.parametrize("schedule, backward", [("gpipe", False), ("1f1b", True)])
@@ -176,7 +203,7 @@ def test_pipeline_block_labels_fit_their_blocks_at_m16(schedule, backward):
     for t in labels:
         assert t.get_window_extent(renderer).width <= unit, f"{t.get_text()!r} is wider than its block"
     w = PipelineBubbleWidget()
-    assert w.microbatches.style.description_width == "initial"
+    assert w.controls["n_microbatches"].style.description_width == "initial"
 
 
 # -- make lab's set-up: kernel, settings, trusted notebooks; idempotent -------------------------

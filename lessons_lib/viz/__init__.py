@@ -1,17 +1,7 @@
 """Visualisers: each picture is a pure function of plain data (testable without a browser),
-wrapped in ipywidgets for the notebooks. Import the submodule you need."""
+wrapped in one widget form, :class:`~lessons_lib.viz.explorer.Explorer`. Import the submodule
+of the picture you need."""
 
+from .explorer import Explorer, make_figure
 
-def redraw(output, draw, *, figsize) -> None:
-    """Replace what an ipywidgets ``Output`` shows with a new figure drawn by ``draw(ax)``.
-
-    The figure is closed after showing, so a slider dragged a hundred times leaves no figures open.
-    """
-    import matplotlib.pyplot as plt
-
-    with output:
-        output.clear_output(wait=True)
-        fig, ax = plt.subplots(figsize=figsize)
-        draw(ax)
-        plt.show()
-        plt.close(fig)
+__all__ = ["Explorer", "make_figure"]

@@ -11,9 +11,11 @@ picture draws them.
 
 from __future__ import annotations
 
+import ipywidgets as widgets
+
 from ..engine import LLMEngine
 from ..validate import bad, check_int
-from . import redraw as redraw_output
+from .explorer import Explorer
 
 FREE, CACHED = "free", "cached"
 
@@ -211,31 +213,15 @@ def draw_slots(grid: list[list], ax=None, title: str = ""):
     return ax
 
 
-def engine_widget(snapshots: list[dict], columns: int = 12):
+def engine_widget(snapshots: list[dict], columns: int = 12) -> Explorer:
     """A step slider over :func:`record_run`'s snapshots; the grid and the queues redraw on every move.
 
-    The returned box has ``.slider``, ``.snapshots`` and ``.snapshot`` (the one last drawn).
+    The control is ``step``; :attr:`~Explorer.data` is the snapshot last drawn.
     """
-    import ipywidgets as widgets
-
     if not isinstance(snapshots, list) or not snapshots:
         raise bad("snapshots", snapshots, "the non-empty list record_run returns")
-    from .static import FallbackBox, figure_of
-
-    def figsize():
-        return (9, 1.6 + 0.7 * -(-len(box.snapshot["holders"]) // columns))
-
+    check_int("columns", columns, low=1)
     slider = widgets.IntSlider(value=0, min=0, max=len(snapshots) - 1, description="step")
-    out = widgets.Output()
-    box = FallbackBox([slider, out], title="serving engine, step by step",
-                      picture=lambda: figure_of(lambda ax: draw_engine_step(box.snapshot, ax, columns), figsize()),
-                      text=lambda: step_summary(box.snapshot))
-    box.slider, box.snapshots = slider, snapshots
-
-    def redraw(_=None):
-        box.snapshot = snapshots[slider.value]
-        redraw_output(out, lambda ax: draw_engine_step(box.snapshot, ax, columns), figsize=figsize())
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return box
+    return Explorer({"step": slider}, lambda step: snapshots[step],
+                    lambda snap, ax: draw_engine_step(snap, ax, columns), title="serving engine, step by step",
+                    text=step_summary, figsize=lambda snap: (9, 1.6 + 0.7 * -(-len(snap["holders"]) // columns)))

@@ -8,9 +8,11 @@ snapshot; :func:`kv_blocks_widget` puts a time slider over them.
 
 from __future__ import annotations
 
+import ipywidgets as widgets
+
 from ..caching.paged_kv import BlockAllocator, OutOfBlocksError
 from ..validate import bad, check_choice, check_int
-from . import redraw as redraw_output
+from .explorer import Explorer
 
 EVENT_KINDS = ("arrive", "grow", "finish")
 
@@ -102,28 +104,13 @@ def draw_blocks(snapshot: dict, ax=None, columns: int = 8):
     return ax
 
 
-def kv_blocks_widget(events: list[tuple] = EXAMPLE_EVENTS, num_blocks: int = 16, block_size: int = 8):
+def kv_blocks_widget(events: list[tuple] = EXAMPLE_EVENTS, num_blocks: int = 16, block_size: int = 8) -> Explorer:
     """A time slider over :func:`block_timeline`; the grid redraws on every move.
 
-    The returned box has ``.slider`` and ``.snapshot`` (the data last drawn).
+    The control is ``event``; :attr:`~Explorer.data` is the snapshot last drawn.
     """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
     snapshots = block_timeline(events, num_blocks, block_size)
     slider = widgets.IntSlider(value=0, min=0, max=len(snapshots) - 1, description="event")
-    from .static import FallbackBox, figure_of
-
-    out = widgets.Output()
-    box = FallbackBox([slider, out], title="paged KV blocks",
-                      picture=lambda: figure_of(lambda ax: draw_blocks(box.snapshot, ax), (8, 3.2)),
-                      text=lambda: f"step {box.snapshot['step']}: {box.snapshot['label']}")
-    box.slider, box.snapshots = slider, snapshots
-
-    def redraw(_=None):
-        box.snapshot = snapshots[slider.value]
-        redraw_output(out, lambda ax: draw_blocks(box.snapshot, ax), figsize=(8, 3.2))
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return box
+    return Explorer({"event": slider}, lambda event: snapshots[event], draw_blocks, title="paged KV blocks",
+                    text=lambda snap: f"step {snap['step']}: {snap['label']}; {snap['free']} blocks free",
+                    figsize=(8, 3.2))

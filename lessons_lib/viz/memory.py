@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipywidgets as w
 import matplotlib.pyplot as plt
 
 from ..memory import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memory_per_device
 from ..validate import check_choice, check_real
-from . import redraw as redraw_output
+from .explorer import Explorer
 
 HEADROOM = 0.1  # the share of a device kept back for the runtime, drawn as the "usable" line
 PARTS = ("weights", "kv_cache", "activations")
@@ -58,21 +59,31 @@ def draw_memory(report: dict, ax=None):
 SINGLE_NOTE = "strategy 'single' runs on one device: pick data, tensor or pipeline to use the devices slider"
 
 
-class MemoryCalculator:
-    """The ipywidgets UI: every control change recomputes :attr:`report` and redraws.
+def memory_text(report: dict) -> str:
+    """The report in one line (and why the devices slider is off while the strategy is single)."""
+    verdict = "fits" if report["fits"] else "does NOT fit"
+    line = (f"{report['model']} in {report['dtype']}, {report['strategy']} on {report['devices']} device(s): "
+            f"{report['gib']['total']:.1f} GiB per device, {verdict} in {report['device_gib']} GiB")
+    return line + (f"\n{SINGLE_NOTE}" if report["strategy"] == "single" else "")
+
+
+def _devices_rule(explorer: Explorer, _name: str) -> None:
+    """One device by definition while the strategy is ``single``: the slider is switched off."""
+    explorer.controls["devices"].disabled = explorer.controls["strategy"].value == "single"
+
+
+class MemoryCalculator(Explorer):
+    """The calculator: every control change recomputes :attr:`data` (a :func:`memory_report`) and redraws.
 
     The devices slider is disabled while the strategy is ``single`` (one device by definition),
-    and :attr:`note` says so.
+    and the text line says so. An impossible combination (batch smaller than the data-parallel
+    devices) keeps the last picture and shows why in :attr:`error`.
     """
 
     def __init__(self, model="Llama-2-7B", dtype="bf16", batch=1, context=4096, devices=1,
                  strategy="single", device_gib=80):
-        import ipywidgets as w
-
-        from .static import FallbackBox, figure_of
-
         wide = {"layout": w.Layout(width="100%"), "style": {"description_width": "80px"}}
-        self.controls = {
+        controls = {
             "model": w.Dropdown(options=sorted(REFERENCE_SHAPES), value=model, description="model"),
             "dtype": w.Dropdown(options=list(DTYPE_BYTES), value=dtype, description="dtype"),
             "strategy": w.Dropdown(options=STRATEGIES, value=strategy, description="strategy"),
@@ -81,32 +92,7 @@ class MemoryCalculator:
             "context": w.IntSlider(value=context, min=256, max=32768, step=256, description="context", **wide),
             "devices": w.IntSlider(value=devices, min=1, max=16, description="devices", **wide),
         }
-        self.note = w.HTML()
-        self.message = w.HTML()
-        self.output = w.Output()
-        for control in self.controls.values():
-            control.observe(lambda _: self.update(), names="value")
-        c = self.controls
-        self.widget = FallbackBox(
-            [w.HBox([c["model"], c["dtype"], c["strategy"], c["device_gib"]]),
-             c["batch"], c["context"], c["devices"], self.note, self.message, self.output],
-            title="memory calculator",
-            picture=lambda: figure_of(lambda ax: draw_memory(self.report, ax), (8, 2.6)),
-            text=lambda: ", ".join(f"{k}={v.value}" for k, v in self.controls.items()))
-        self.update()
-
-    def update(self) -> None:
-        values = {name: c.value for name, c in self.controls.items()}
-        single = values["strategy"] == "single"
-        self.controls["devices"].disabled = single
-        self.note.value = f"<i>{SINGLE_NOTE}</i>" if single else ""
-        try:
-            self.report = memory_report(**values)
-            self.message.value = ""
-        except ValueError as err:  # an impossible combination: say why, keep the last picture
-            self.message.value = f"<b>{err}</b>"
-            return
-        redraw_output(self.output, lambda ax: draw_memory(self.report, ax), figsize=(8, 2.6))
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        super().__init__(controls, memory_report, draw_memory, title="memory calculator", text=memory_text,
+                         figsize=(8, 2.6), rows=[["model", "dtype", "strategy", "device_gib"], ["batch"],
+                                                 ["context"], ["devices"]], on_change=_devices_rule)
+        _devices_rule(self, "strategy")

@@ -2,16 +2,24 @@
 
 :func:`gantt_data` is a pure function of (stages, micro-batches, schedule): it returns the
 bars (one per action, placed by :meth:`Schedule.timeline`) and the numbers, nothing drawn.
-:func:`draw_gantt` draws that data with matplotlib; :class:`PipelineBubbleWidget` wraps both
-in ipywidgets (stages slider, micro-batches slider, schedule dropdown). The executor runs the
+:func:`draw_gantt` draws that data with matplotlib; :class:`PipelineBubbleWidget` is the
+:class:`~lessons_lib.viz.explorer.Explorer` over both (stages slider, micro-batches slider,
+schedule dropdown whose values are ``(schedule, backward)``). The executor runs the
 very same :class:`~lessons_lib.parallel.pipeline.schedule.Schedule` objects, so the picture
 is the run.
 """
 
 from __future__ import annotations
 
+import ipywidgets as widgets
+from IPython.display import Image, display
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
 from ..parallel.pipeline.schedule import bubble_formula, make_schedule
 from ..validate import check_choice, check_int
+from .explorer import Explorer, make_figure
+from .static import figure_png
 
 # The schedules the widget offers, as (schedule name, with backward?) values.
 CHOICES = (("gpipe", False), ("gpipe", True), ("1f1b", True))
@@ -76,19 +84,32 @@ def block_labels(makespan: float, n_microbatches: int) -> tuple[float, int]:
     return (round(upright, 1), 90) if upright >= 6 else (0, 0)
 
 
-def draw_gantt(data: dict, max_microbatches: int = 16):
+def gantt_of(n_stages: int, n_microbatches: int, schedule: tuple = ("gpipe", False)) -> dict:
+    """:func:`gantt_data` with the schedule as the widget's ``(schedule name, backward)`` value."""
+    check_choice("schedule", tuple(schedule), CHOICES)
+    return gantt_data(n_stages, n_microbatches, schedule[0], backward=schedule[1])
+
+
+def gantt_figsize(data: dict) -> tuple[float, float]:
+    return (11, 0.5 * data["n_stages"] + 2.2)
+
+
+GANTT_WIDTHS = (3, 1.2)   # the Gantt chart, then the bubble-vs-m panel
+
+
+def draw_gantt(data: dict, axes=None, max_microbatches: int = 16):
     """Left: the Gantt chart (stage 0 on top). Right: bubble fraction against m for this p.
 
-    Returns a ``matplotlib.figure.Figure`` made without pyplot, so no backend shows it behind
-    the caller's back; :func:`show_figure` displays it once, as a PNG.
+    With ``axes`` (a pair), draws on them; without, returns a new ``matplotlib.figure.Figure``
+    made without pyplot, so no backend shows it behind the caller's back (:func:`show_figure`
+    displays it once, as a PNG).
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
-
+    if axes is None:
+        return make_figure(lambda d, a: draw_gantt(d, a, max_microbatches), data, gantt_figsize(data),
+                           ncols=2, width_ratios=GANTT_WIDTHS)
+    ax, ax2 = axes
+    fig = ax.figure
     p, m = data["n_stages"], data["n_microbatches"]
-    fig = Figure(figsize=(11, 0.5 * p + 2.2))
-    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
     size, rotation = block_labels(data["makespan"], m)
     for stage, start, dur, label, kind in data["bars"]:
         ax.barh(stage, dur, left=start, color=COLORS[kind], edgecolor="white")
@@ -114,70 +135,41 @@ def draw_gantt(data: dict, max_microbatches: int = 16):
     ax2.set_ylabel("idle fraction")
     ax2.set_title(f"bubble vs m, p={p}")
     ax2.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    if fig.get_layout_engine() is not None:   # keep the strip below the axes for the legend
+        fig.get_layout_engine().set(rect=(0, 0.07, 1, 1))
+    else:
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
-
-
-def figure_png(fig) -> bytes:
-    """The figure as PNG bytes."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()
 
 
 def show_figure(fig) -> None:
     """Display a figure in a notebook as a PNG image."""
-    from IPython.display import Image, display
-
     display(Image(data=figure_png(fig), format="png"))
 
 
-class PipelineBubbleWidget:
-    """Sliders for stages and micro-batches, a schedule dropdown, the chart and the numbers."""
+class PipelineBubbleWidget(Explorer):
+    """Sliders for stages and micro-batches, a schedule dropdown, the chart and the numbers.
+
+    The controls are ``n_stages``, ``n_microbatches`` and ``schedule`` (values ``(name, backward)``);
+    :attr:`data` is :func:`gantt_data`'s dict.
+    """
 
     def __init__(self, n_stages: int = 4, n_microbatches: int = 4, schedule: str = "gpipe",
                  backward: bool = False) -> None:
-        import ipywidgets as widgets
-
-        from .static import FallbackBox
-
+        check_choice("schedule, backward", (schedule, backward), CHOICES)
         # "initial": the description gets the width its text needs (the default cuts it).
         label = {"style": {"description_width": "initial"}, "layout": widgets.Layout(width="360px")}
-        self.stages = widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p", **label)
-        self.microbatches = widgets.IntSlider(value=n_microbatches, min=1, max=16,
-                                              description="micro-batches m", **label)
-        check_choice("schedule, backward", (schedule, backward), CHOICES)
-        self.schedule = widgets.Dropdown(options=[(schedule_title(*c), c) for c in CHOICES],
+        controls = {
+            "n_stages": widgets.IntSlider(value=n_stages, min=1, max=8, description="stages p", **label),
+            "n_microbatches": widgets.IntSlider(value=n_microbatches, min=1, max=16,
+                                                description="micro-batches m", **label),
+            "schedule": widgets.Dropdown(options=[(schedule_title(*c), c) for c in CHOICES],
                                          value=(schedule, backward), description="schedule",
-                                         layout=widgets.Layout(width="420px"))
-        self.bubble = widgets.HTML()
-        self.output = widgets.Output()
-        for w in (self.stages, self.microbatches, self.schedule):
-            w.observe(self._on_change, names="value")
-        self.box = FallbackBox([widgets.HBox([self.stages, self.microbatches]), self.schedule,
-                                self.bubble, self.output],
-                               title="pipeline bubble", picture=lambda: self.figure,
-                               text=lambda: bubble_text(self.data))
-        self.data: dict = {}
-        self.figure = None      # the last chart drawn (closed, kept for inspection)
-        self.update()
-
-    def _on_change(self, _change) -> None:
-        self.update()
-
-    def update(self) -> None:
-        schedule, backward = self.schedule.value
-        self.data = gantt_data(self.stages.value, self.microbatches.value, schedule, backward=backward)
-        self.bubble.value = f"<span class='pipeline-bubble'>{bubble_text(self.data)}</span>"
-        self.figure = draw_gantt(self.data)
-        with self.output:
-            self.output.clear_output(wait=True)
-            show_figure(self.figure)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
+                                         layout=widgets.Layout(width="420px")),
+        }
+        super().__init__(controls, gantt_of, draw_gantt, title="pipeline bubble", text=bubble_text,
+                         figsize=gantt_figsize, ncols=2, width_ratios=GANTT_WIDTHS,
+                         rows=[["n_stages", "n_microbatches"], ["schedule"]])
 
 
 def pipeline_widget(**kwargs) -> PipelineBubbleWidget:

@@ -3,12 +3,14 @@ with rank and pipeline stage. A picture of :func:`lessons_lib.cluster.placement.
 
 from __future__ import annotations
 
-import re
+from functools import partial
+
+import ipywidgets as widgets
 
 from ..cluster.placement import (BAD_ORDER, GOOD_ORDER, cross_node_bytes_per_token, place_ranks,
                                  placement_grid)
 from ..validate import check_int
-from . import redraw as redraw_output
+from .explorer import Explorer
 
 
 def draw_placement(placement, ax=None, title: str = ""):
@@ -33,44 +35,42 @@ def draw_placement(placement, ax=None, title: str = ""):
     return ax
 
 
-def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192, n_layers: int = 80):
+def placement_data(plan: tuple, order, nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192,
+                   n_layers: int = 80) -> dict:
+    """The placement of a ``(tp, pp, dp)`` plan in one fill ``order``, and its cross-node bytes per token."""
+    tp, pp, dp = plan
+    placement = place_ranks(nodes, devices_per_node, tp, pp, dp, order=order)
+    return {"placement": placement, "bytes": cross_node_bytes_per_token(placement, hidden, n_layers),
+            "hidden": hidden, "n_layers": n_layers}
+
+
+def placement_text(data: dict) -> str:
+    b = data["bytes"]
+    return (f"cross-node bytes per decode step (hidden={data['hidden']}, {data['n_layers']} layers, batch 1, "
+            f"bf16): TP {b['tp']:,.0f} + PP {b['pp']:,.0f} = {b['total']:,.0f}")
+
+
+def placement_widget(nodes: int = 2, devices_per_node: int = 4, hidden: int = 8192,
+                     n_layers: int = 80) -> Explorer:
     """Choose the plan and the fill order; see the grid and the cross-node bytes per token.
 
-    The box exposes ``.plan`` (a dropdown of ``(tp, pp, dp)``), ``.order`` (good / bad),
-    ``.placement`` and ``.bytes`` (the data last drawn).
+    Controls: ``plan`` (a dropdown of ``(tp, pp, dp)`` values) and ``order`` (good / bad fill
+    order); :attr:`~Explorer.data` has ``placement`` and ``bytes``.
     """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
     for name, value in (("nodes", nodes), ("devices_per_node", devices_per_node), ("hidden", hidden),
                         ("n_layers", n_layers)):
         check_int(name, value, low=1)
     world = nodes * devices_per_node
     plans = [(tp, pp, world // (tp * pp)) for tp in range(1, world + 1) for pp in range(1, world + 1)
              if world % (tp * pp) == 0 and n_layers % pp == 0]
-    plan = widgets.Dropdown(options=[(f"tp={t} pp={p} dp={d}", (t, p, d)) for t, p, d in plans],
-                            value=(devices_per_node, nodes, 1) if (devices_per_node, nodes, 1) in plans else plans[0],
-                            description="plan")
-    order = widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER), ("PP inside a node", BAD_ORDER)],
-                                  description="placement")
-    from .static import FallbackBox, figure_of
-
-    text, out = widgets.HTML(), widgets.Output()
-    figsize = (1.1 * devices_per_node + 1, 0.9 * nodes + 0.8)
-    box = FallbackBox([plan, order, text, out], title="rank placement",
-                      picture=lambda: figure_of(lambda ax: draw_placement(box.placement, ax), figsize),
-                      text=lambda: re.sub("<[^>]+>", "", text.value))
-    box.plan, box.order = plan, order
-
-    def redraw(_=None):
-        tp, pp, dp = plan.value
-        box.placement = place_ranks(nodes, devices_per_node, tp, pp, dp, order=order.value)
-        box.bytes = cross_node_bytes_per_token(box.placement, hidden, n_layers)
-        text.value = (f"cross-node bytes per decode step (hidden={hidden}, {n_layers} layers, batch 1, bf16): "
-                      f"TP {box.bytes['tp']:,.0f} + PP {box.bytes['pp']:,.0f} = <b>{box.bytes['total']:,.0f}</b>")
-        redraw_output(out, lambda ax: draw_placement(box.placement, ax), figsize=figsize)
-
-    plan.observe(redraw, names="value")
-    order.observe(redraw, names="value")
-    redraw()
-    return box
+    first = (devices_per_node, nodes, 1) if (devices_per_node, nodes, 1) in plans else plans[0]
+    controls = {
+        "plan": widgets.Dropdown(options=[(f"tp={t} pp={p} dp={d}", (t, p, d)) for t, p, d in plans],
+                                 value=first, description="plan"),
+        "order": widgets.ToggleButtons(options=[("TP inside a node", GOOD_ORDER),
+                                                ("PP inside a node", BAD_ORDER)], description="placement"),
+    }
+    return Explorer(controls, partial(placement_data, nodes=nodes, devices_per_node=devices_per_node,
+                                      hidden=hidden, n_layers=n_layers),
+                    lambda data, ax: draw_placement(data["placement"], ax), title="rank placement",
+                    text=placement_text, figsize=(1.1 * devices_per_node + 1, 0.9 * nodes + 0.8))

@@ -1,13 +1,16 @@
 """Queue lengths over time per worker, and latency per policy: pure data, then the picture.
 
 ``queue_series`` turns a simulation's event timeline into step functions sampled on a grid (plain
-lists, testable); ``plot_queues`` and ``plot_latency`` draw them; ``queue_widget`` wraps the first
-in a policy dropdown and a time-window slider.
+lists, testable); ``queue_data`` and ``draw_queues`` make and draw the picture of one run, ``plot_latency`` the
+latency bars; ``queue_widget`` puts a policy dropdown and a time-window slider over the first.
 """
 
 from __future__ import annotations
 
+import ipywidgets as widgets
+
 from ..validate import check_int, check_real
+from .explorer import Explorer
 
 
 def queue_series(result, n_points: int = 200, t_end: float | None = None) -> tuple[list[float], dict]:
@@ -33,20 +36,32 @@ def queue_series(result, n_points: int = 200, t_end: float | None = None) -> tup
     return times, series
 
 
-def plot_queues(result, t_window: tuple[float, float] | None = None, ax=None):
-    import matplotlib.pyplot as plt
+def queue_data(result, window: tuple[float, float] | None = None, n_points: int = 400) -> dict:
+    """What :func:`draw_queues` draws: the sampled queue lengths of one run, its policy and time window."""
+    times, series = queue_series(result, n_points=n_points)
+    window = tuple(window) if window else (0.0, times[-1])
+    peak = max((y for ys in series.values() for t, y in zip(times, ys) if window[0] <= t <= window[1]), default=0)
+    return {"policy": result.policy, "times": times, "series": series, "window": window, "peak": peak}
 
-    times, series = queue_series(result, n_points=400)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 2.8))
-    for w, ys in series.items():
-        ax.step(times, ys, where="post", label=w)
-    if t_window:
-        ax.set_xlim(*t_window)
+
+def draw_queues(data: dict, ax) -> None:
+    """Queue length per worker over time, as steps, within the data's time window."""
+    for w, ys in data["series"].items():
+        ax.step(data["times"], ys, where="post", label=w)
+    ax.set_xlim(*data["window"])
     ax.set_xlabel("time (s)")
     ax.set_ylabel("queue length")
-    ax.set_title(f"queue length per worker: {result.policy}")
+    ax.set_title(f"queue length per worker: {data['policy']}")
     ax.legend(loc="upper left", fontsize=8)
+
+
+def plot_queues(result, t_window: tuple[float, float] | None = None, ax=None):
+    """:func:`draw_queues` of one run on a new pyplot figure (or ``ax``); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 2.8))
+    draw_queues(queue_data(result, t_window), ax)
     ax.figure.tight_layout()
     return ax.figure
 
@@ -68,20 +83,14 @@ def plot_latency(summaries, ax=None):
     return ax.figure
 
 
-def queue_widget(results):
-    """A dropdown over policies and a slider over the time window, redrawing :func:`plot_queues`."""
-    import ipywidgets as widgets
-
-    from .static import interactive_figure
-
+def queue_widget(results) -> Explorer:
+    """A dropdown over policies and a slider over the time window, redrawing :func:`draw_queues`."""
     by_name = {r.policy: r for r in results}
     t_max = max(max(t for t, _, _ in r.timeline) for r in results)
-
-    def draw(policy, window):
-        return plot_queues(by_name[policy], window)   # shown by ipywidgets' inline-plot hook
-
-    return interactive_figure(
-        draw, title="queue length per worker",
-        policy=widgets.Dropdown(options=list(by_name), description="policy"),
-        window=widgets.FloatRangeSlider(value=(0.0, t_max), min=0.0, max=t_max, step=t_max / 100,
-                                        description="time (s)"))
+    controls = {"policy": widgets.Dropdown(options=list(by_name), description="policy"),
+                "window": widgets.FloatRangeSlider(value=(0.0, t_max), min=0.0, max=t_max, step=t_max / 100,
+                                                   description="time (s)")}
+    return Explorer(controls, lambda policy, window: queue_data(by_name[policy], window), draw_queues,
+                    title="queue length per worker", figsize=(7, 2.8),
+                    text=lambda d: (f"policy={d['policy']}, {d['window'][0]:.1f}-{d['window'][1]:.1f} s: "
+                                    f"longest queue {d['peak']}"))

@@ -9,10 +9,13 @@ executor that moves real tensors runs the very same schedule.
 from __future__ import annotations
 
 import math
+from functools import partial
+
+import ipywidgets as widgets
 
 from ..comm.schedule import ring_schedule, simulate_ring
 from ..validate import check_int
-from . import redraw as redraw_output
+from .explorer import Explorer
 
 
 def ring_frame(p: int, step: int, kind: str = "all_reduce") -> dict:
@@ -81,43 +84,33 @@ def draw_ring(frame: dict, ax=None):
     return ax
 
 
-def ring_widget(p: int = 4, kind: str = "all_reduce"):
+def ring_text(frame: dict) -> str:
+    moves = ", ".join(f"{src}->{dst} c{chunk}{'+' if op == 'reduce' else '='}"
+                      for src, dst, chunk, op in frame["transfers"]) or "none"
+    return f"p={frame['p']}, step {frame['step']}/{frame['n_steps']} ({frame['phase']}): transfers {moves}"
+
+
+def _step_slider(p: int, value: int, kind: str):
+    return widgets.IntSlider(value=value, min=0, max=len(ring_schedule(p, kind)), description="step")
+
+
+def ring_widget(p: int = 4, kind: str = "all_reduce") -> Explorer:
     """Sliders for ``p`` and the step; the figure redraws from :func:`ring_frame`.
 
-    The returned box has ``.p_slider``, ``.step_slider`` and ``.frame`` (the data last
-    drawn), so tests can move a slider and check the picture changed. When ``p`` changes,
-    ``.step_slider`` is a new slider whose maximum is the new number of steps.
+    Controls: ``p`` and ``step``; :attr:`~Explorer.data` is the frame last drawn. When ``p``
+    changes, ``controls["step"]`` is a new slider whose maximum is the new number of steps.
     """
-    import ipywidgets as widgets
+    check_int("p", p, low=2, high=8)
 
-    from .static import FallbackBox, figure_of
-
-    p_slider = widgets.IntSlider(value=p, min=2, max=8, description="ranks p")
-    out = widgets.Output()
-    box = FallbackBox([], title="ring all-reduce, step by step",
-                      picture=lambda: figure_of(lambda ax: draw_ring(box.frame, ax), ring_figsize(box.frame["p"])),
-                      text=lambda: f"p={box.frame['p']}, step {box.frame['step']}/{box.frame['n_steps']}")
-    box.p_slider = p_slider
-
-    def new_step_slider(value: int):
+    def step_follows_p(explorer: Explorer, name: str) -> None:
         # A fresh slider for each p: JupyterLab's slider keeps the keys Home/End on the range it
         # was drawn with, so only a new one lets End reach the last step of a larger ring.
-        slider = widgets.IntSlider(value=value, min=0, max=len(ring_schedule(p_slider.value, kind)),
-                                   description="step")
-        slider.observe(redraw, names="value")
-        box.step_slider = slider
-        box.children = [p_slider, slider, out]
+        p_now, step = explorer.controls["p"].value, explorer.controls["step"]
+        n_steps = len(ring_schedule(p_now, kind))
+        if name == "p" and step.max != n_steps:
+            explorer.set_control("step", _step_slider(p_now, min(step.value, n_steps), kind))
 
-    def redraw(_=None):
-        n_steps = len(ring_schedule(p_slider.value, kind))
-        if box.step_slider.max != n_steps:
-            box.step_slider.unobserve(redraw, names="value")
-            new_step_slider(min(box.step_slider.value, n_steps))
-        box.frame = ring_frame(p_slider.value, box.step_slider.value, kind)
-        redraw_output(out, lambda ax: draw_ring(box.frame, ax), figsize=ring_figsize(p_slider.value))
-
-    p_slider.observe(redraw, names="value")
-    box.step_slider = None
-    new_step_slider(0)
-    redraw()
-    return box
+    controls = {"p": widgets.IntSlider(value=p, min=2, max=8, description="ranks p"),
+                "step": _step_slider(p, 0, kind)}
+    return Explorer(controls, partial(ring_frame, kind=kind), draw_ring, title="ring all-reduce, step by step",
+                    text=ring_text, figsize=lambda frame: ring_figsize(frame["p"]), on_change=step_follows_p)

@@ -19,12 +19,19 @@ Strategies:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+
+import ipywidgets as widgets
 
 from ..parallel.data import split_sizes
 from ..parallel.tensor import shard_indices
 from ..validate import check_choice, check_int
+from .explorer import Explorer
 
 STRATEGIES = ("dp", "tp", "tp-column", "tp-row", "pp")
+STRATEGY_TITLES = {"dp": "dp: data parallel", "tp": "tp: the tiny LM's plan",
+                   "tp-column": "tp-column: every linear by rows", "tp-row": "tp-row: every linear by columns",
+                   "pp": "pp: pipeline stages"}
 
 
 @dataclass(frozen=True)
@@ -155,55 +162,33 @@ def draw_layout(layout: dict, ax=None):
     return ax.figure
 
 
-class ShardingWidget:
-    """A strategy dropdown and a world-size slider over :func:`sharding_layout`.
+def layout_figsize(layout: dict) -> tuple[float, float]:
+    """One row per tensor and one for the batch."""
+    return (9, 0.42 * (len(layout["tensors"]) + 1) + 1.2)
 
-    ``self.layout`` holds the data last drawn (or ``None`` with ``self.error`` set when the world
-    size cannot shard the model), so tests can drive the controls without a browser.
+
+def layout_text(layout: dict) -> str:
+    """The layout in one line: strategy, ranks, and what rank 0 holds of the batch."""
+    held = sum(b - a for a, b in layout["batch"].pieces[0])
+    return (f"strategy={layout['strategy']}, ranks={layout['world_size']}: rank 0 holds {held} of "
+            f"{layout['batch'].shape[0]} batch rows")
+
+
+class ShardingWidget(Explorer):
+    """A strategy dropdown and a ranks slider over :func:`sharding_layout`.
+
+    :attr:`data` holds the layout last drawn; a world size that cannot shard the model that way
+    keeps it, with the reason in :attr:`error`. Tests drive ``controls["strategy"]`` and
+    ``controls["world_size"]`` without a browser.
     """
 
     def __init__(self, config=None, batch: int = 8, strategy: str = "tp", world_size: int = 2):
-        import ipywidgets as widgets
-
-        self.config, self.batch = config, batch
-        self.strategy = widgets.Dropdown(options=STRATEGIES, value=strategy, description="strategy")
-        self.world_size = widgets.IntSlider(value=world_size, min=1, max=8, description="ranks")
-        self.output = widgets.Output()
-        self.layout, self.error = None, None
-        self.strategy.observe(self._update, names="value")
-        self.world_size.observe(self._update, names="value")
-        from .static import FallbackBox
-
-        self.box = FallbackBox([widgets.HBox([self.strategy, self.world_size]), self.output],
-                               title="sharding view", picture=self._picture,
-                               text=lambda: (f"strategy={self.strategy.value}, ranks={self.world_size.value}"
-                                             + (f": cannot shard this way: {self.error}" if self.error else "")))
-        self._update()
-
-    def _picture(self):
-        return draw_layout(self.layout) if self.layout is not None else None
-
-    def _update(self, _change=None) -> None:
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
-        try:
-            self.layout = sharding_layout(self.strategy.value, self.world_size.value,
-                                          self.config, self.batch)
-            self.error = None
-        except ValueError as e:
-            self.layout, self.error = None, str(e)
-        self.output.clear_output(wait=True)
-        with self.output:
-            if self.error:
-                print(f"cannot shard {self.world_size.value} ranks with strategy={self.strategy.value!r}: {self.error}")
-            else:
-                fig = draw_layout(self.layout)
-                display(fig)
-                plt.close(fig)   # displayed once, in the output widget, not again below the cell
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
+        controls = {"strategy": widgets.Dropdown(options=[(STRATEGY_TITLES[s], s) for s in STRATEGIES],
+                                                 value=strategy, description="strategy"),
+                    "world_size": widgets.IntSlider(value=world_size, min=1, max=8, description="ranks")}
+        super().__init__(controls, partial(sharding_layout, config=config, batch=batch), draw_layout,
+                         title="sharding view", text=layout_text, figsize=layout_figsize,
+                         rows=[["strategy", "world_size"]])
 
 
 def sharding_widget(config=None, batch: int = 8, strategy: str = "tp", world_size: int = 2):

@@ -8,9 +8,10 @@ grey never judged (after a rejection), blue the bonus token when every proposal 
 
 from __future__ import annotations
 
-import html
+import ipywidgets as widgets
 
 from ..validate import bad
+from .explorer import Explorer
 
 COLOURS = {"accepted": "#8fd18f", "rejected": "#f19c9c", "unjudged": "#dddddd", "correction": "#f5c26b",
            "bonus": "#8cb8f0", "context": "#ffffff"}
@@ -86,31 +87,14 @@ def draw_round(record: dict, ax=None, decode=None, context_chars: int = 12):
     return ax
 
 
-def round_widget(trace: list[dict], decode=None):
+def round_widget(trace: list[dict], decode=None) -> Explorer:
     """A slider over the rounds of one run; the picture and the sentence redraw on every move.
 
-    The returned box has ``.slider``, ``.trace`` and ``.record`` (the round last drawn).
+    The control is ``round``; :attr:`~Explorer.data` is the round's record last drawn.
     """
-    import ipywidgets as widgets
-
-    from . import redraw as redraw_output
-    from .static import FallbackBox, figure_of
-
     if not isinstance(trace, list) or not trace:
         raise bad("trace", trace, "the non-empty list speculative_generate(trace=[]) fills")
     slider = widgets.IntSlider(value=0, min=0, max=len(trace) - 1, description="round")
-    text = widgets.HTML()
-    out = widgets.Output()
-    box = FallbackBox([slider, out, text], title="one speculative round",
-                      picture=lambda: figure_of(lambda ax: draw_round(box.record, ax, decode), (10, 2.2)),
-                      text=lambda: round_summary(box.record, decode))
-    box.slider, box.trace = slider, trace
-
-    def redraw(_=None):
-        box.record = trace[slider.value]
-        redraw_output(out, lambda ax: draw_round(box.record, ax, decode), figsize=(10, 2.2))
-        text.value = html.escape(round_summary(box.record, decode))
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return box
+    return Explorer({"round": slider}, lambda round: trace[round],
+                    lambda record, ax: draw_round(record, ax, decode), title="one speculative round",
+                    text=lambda record: round_summary(record, decode), figsize=(10, 2.2))

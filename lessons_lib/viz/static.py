@@ -10,7 +10,6 @@ widget's ``VBox(children=...)`` repr).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 
 import ipywidgets as widgets
@@ -68,29 +67,3 @@ class FallbackBox(widgets.VBox):
             bundle["image/png"] = base64.b64encode(png).decode("ascii")
         return bundle
 
-
-def interactive_figure(f, *, title: str, **controls) -> FallbackBox:
-    """``ipywidgets.interact`` for a function that draws or prints, with a static fallback.
-
-    ``f(**values)`` either returns a matplotlib figure (shown in the widget and as the static
-    picture) or prints (its text is the fallback line). The box exposes ``.interactive`` (the
-    ``ipywidgets.interactive`` inside, with ``.kwargs_widgets`` and ``.result``).
-    """
-    from matplotlib.figure import Figure
-
-    inter = widgets.interactive(f, **controls)   # runs f once with the initial values
-
-    def picture():
-        return inter.result if isinstance(inter.result, Figure) else None
-
-    def text():
-        if isinstance(inter.result, Figure):
-            return ", ".join(f"{k}={v!r}" for k, v in inter.kwargs.items())
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            f(**inter.kwargs)
-        return buf.getvalue().strip()
-
-    box = FallbackBox([inter], title=title, picture=picture, text=text)
-    box.interactive = inter
-    return box
