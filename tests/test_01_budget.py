@@ -80,8 +80,8 @@ def test_the_calculator_draws_and_refuses_without_losing_its_picture():
     assert [r["gpus"] for r in report["rows"]] == [8, 8, 16]
     calc = BudgetCalculator()
     calc.controls["micro_batches"].value = 4              # more micro-batches than the batch of 1
-    assert "micro_batches" in calc.message.value
-    assert calc.report["micro_batches"] == 1                # the last good report stays
+    assert "micro_batches" in calc.error and "micro_batches" in calc.caption.value
+    assert calc.data["micro_batches"] == 1                  # the last good report stays
     bundle = calc._repr_mimebundle_()                         # the picture drawn once, reused
     assert "image/png" in bundle and "time-budget calculator" in bundle["text/plain"]
 

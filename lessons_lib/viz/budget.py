@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import ipywidgets as w
+
 from ..budget import LAYOUTS, PART_LABELS, PARTS, budget_table
 from ..memory import LLAMA2_70B, LLMShape
 from ..validate import bad
+from .explorer import Explorer
 
 COLOURS = {"weights": "#4C72B0", "kv_cache": "#DD8452", "compute": "#55A868",
            "tp_all_reduce": "#C44E52", "pp_hops": "#8172B3", "pp_bubble": "#BBBBBB"}
@@ -46,19 +51,25 @@ def draw_budget(report: dict, axes) -> None:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
 
 
-class BudgetCalculator:
-    """The ipywidgets UI: sliders for batch, prompt, context and micro-batches; every change
-    recomputes :attr:`report` and redraws. ``layouts`` adds rows (e.g. one over this machine's link)."""
+def budget_text(report: dict) -> str:
+    """The settings the picture is drawn for, in one line."""
+    return (f"{report['model']}: batch {report['batch']}, prompt {report['prompt']} tokens, "
+            f"context {report['context']} tokens, {report['micro_batches']} micro-batch(es)")
+
+
+class BudgetCalculator(Explorer):
+    """Sliders for batch, prompt, context and micro-batches; every change recomputes :attr:`data`
+    (a :func:`budget_report`) and redraws. ``layouts`` adds rows (e.g. one over this machine's link).
+    Values that cannot go together (more micro-batches than sequences) keep the last picture and
+    say why in :attr:`error`."""
 
     def __init__(self, shape: LLMShape = LLAMA2_70B, layouts=LAYOUTS, batch=1, prompt=2048, context=4096,
                  micro_batches=1):
-        import ipywidgets as w
-
-        from .static import FallbackBox
-
-        self.shape, self.layouts = shape, tuple(layouts)
+        if not isinstance(shape, LLMShape):
+            raise bad("shape", shape, "an LLMShape, e.g. LLAMA2_70B")
+        layouts = tuple(layouts)
         wide = {"layout": w.Layout(width="100%"), "style": {"description_width": "110px"}}
-        self.controls = {
+        controls = {
             "batch": w.IntSlider(value=batch, min=1, max=512, description="batch", **wide),
             "prompt": w.IntSlider(value=prompt, min=128, max=32768, step=128, description="prompt tokens", **wide),
             "context": w.IntSlider(value=context, min=128, max=32768, step=128, description="context (decode)",
@@ -66,34 +77,5 @@ class BudgetCalculator:
             "micro_batches": w.IntSlider(value=micro_batches, min=1, max=16, description="micro-batches",
                                          **wide),
         }
-        self.message = w.HTML()
-        self.output = w.Output()
-        for control in self.controls.values():
-            control.observe(lambda _: self.update(), names="value")
-        self.png = b""   # the picture of the last good report, drawn once, shown live and left static
-        self.widget = FallbackBox(
-            [*self.controls.values(), self.message, self.output], title="time-budget calculator",
-            picture=lambda: self.png,
-            text=lambda: ", ".join(f"{k}={v.value}" for k, v in self.controls.items()))
-        self.update()
-
-    def update(self) -> None:
-        from IPython.display import Image
-
-        from .static import figure_of, figure_png
-
-        values = {name: c.value for name, c in self.controls.items()}
-        try:
-            self.report = budget_report(self.shape, self.layouts, **values)
-            self.message.value = ""
-        except ValueError as err:  # e.g. more micro-batches than sequences: say why, keep the picture
-            self.message.value = f"<b>{err}</b>"
-            return
-        self.png = figure_png(figure_of(lambda axes: draw_budget(self.report, axes), FIGSIZE, ncols=2))
-        # Set the Output widget's contents directly rather than print into it: nothing reaches the
-        # cell's own output, whether or not a front end is there to route it.
-        self.output.outputs = ()
-        self.output.append_display_data(Image(data=self.png, format="png"))
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        super().__init__(controls, functools.partial(budget_report, shape, layouts), draw_budget,
+                         title="time-budget calculator", text=budget_text, figsize=FIGSIZE, ncols=2)
