@@ -23,6 +23,8 @@ from ..serving.security import SecurityError, TensorOpener, TensorSealer
 from ..validate import check_int, check_real
 from .transfer import KVLayoutMismatch, ModelVersionMismatch, TransferTimeout, open_transfer, seal_transfer
 from .workers import DecodeWorker, PrefillWorker
+from ..launch import run_distributed
+from ..model import load_tiny_lm
 
 __all__ = ["recv_bytes", "send_bytes", "serve_on_ranks"]
 
@@ -67,7 +69,6 @@ def recv_bytes(src: int, timeout: float) -> bytes:
 
 @functools.lru_cache(maxsize=1)
 def _model():
-    from ..model import load_tiny_lm
     return load_tiny_lm()[0]
 
 
@@ -140,8 +141,6 @@ def serve_on_ranks(prompts, max_tokens, key: bytes, *, block_size: int = 16, dec
     why, what it received). ``decode_block_size``, ``tamper`` (indices of transfers whose payload
     gets a flipped bit) and ``perturb_decode_model`` inject the faults the checks must catch.
     """
-    from ..launch import run_distributed
-
     prompts = [list(p) for p in prompts]
     max_tokens = list(max_tokens)
     if len(max_tokens) != len(prompts):

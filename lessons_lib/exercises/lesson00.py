@@ -11,8 +11,7 @@ import numbers
 import torch
 
 from ..launch import run_distributed
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
+from .check import Incorrect, exercise, labelled_cases, refuse_reference, run_ranks, with_hidden
 
 WORLD_SIZES = (3, 4)
 

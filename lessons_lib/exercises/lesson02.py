@@ -16,8 +16,8 @@ from ..memory import (LLAMA2_13B, LLAMA2_70B, GiB, activation_bytes, fits, kv_ca
 from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import (ColumnParallelLinear, RowParallelLinear, all_reduce_sum,
                                shard_indices)
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
+from .check import Incorrect, exercise, labelled_cases, refuse_reference, run_ranks, with_hidden
+from ..model import load_tiny_lm
 
 
 def _is_number(x) -> bool:
@@ -32,8 +32,6 @@ def _all_reduce_bytes_of_one_decode_step(ids: torch.Tensor) -> tuple[int, int]:
     """On one rank of the tiny LM sharded by its TP plan: prefill ``ids``, then count the bytes
     of every tensor passed to ``dist.all_reduce`` during one decode step."""
     import torch.distributed as dist
-
-    from ..model import load_tiny_lm
 
     model = parallelize(load_tiny_lm()[0], tiny_lm_tp_plan())
     cache = model.new_cache()

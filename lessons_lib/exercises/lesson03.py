@@ -23,9 +23,8 @@ import torch.distributed as dist
 from ..comm import (bytes_sent, one_shot_all_reduce, ring_all_reduce, ring_schedule, run_direct, run_ring,
                     simulate_ring, tree_broadcast, two_shot_all_reduce)
 from ..launch import run_distributed
-from .check import (Incorrect, exercise, predicted_number, raise_if_stub, recording_collectives,
-                    refuse_reference, run_ranks)
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, exercise, labelled_cases, predicted_number, raise_if_stub,
+                    recording_collectives, refuse_reference, run_ranks, with_hidden)
 
 def _refuse_collectives(used_by_rank: list, case: str, what: str) -> None:
     used = sorted({name for names in used_by_rank for name in names})

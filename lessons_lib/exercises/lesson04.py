@@ -23,9 +23,8 @@ from ..cluster.placement import Placement, cross_node_bytes_per_token, place_ran
 from ..cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, shard_bounds, split_dim
 from ..comm import bytes_sent, ring_all_reduce, ring_schedule
 from ..launch import run_distributed
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
-from .check import predicted_number, raise_if_stub
+from .check import (Incorrect, exercise, labelled_cases, predicted_number, raise_if_stub, refuse_reference,
+                    run_ranks, with_hidden)
 
 # -- 04.cross_node_bytes (predict) ------------------------------------------------------------
 HIDDEN, N_LAYERS, NODE_OF_RANK = 128, 3, (0, 0, 1, 1)   # a small model; 2 nodes of 2 GPUs, TP = 4

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from ..launch import run_distributed
 from ..serving.fingerprint import (broadcast_state_, diff_states, gather_fingerprints, state_fingerprint,
                                    tensor_digest)
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
-from .check import predicted_number, raise_if_stub, recording_collectives
+from .check import (Incorrect, exercise, labelled_cases, predicted_number, raise_if_stub,
+                    recording_collectives, refuse_reference, run_ranks, with_hidden)
+from ..serving.worker import load_model
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -74,8 +74,6 @@ _measured: dict = {}
 def corrupted_replica_state(rank: int) -> dict:
     """The tiny LM as rank ``rank`` of three holds it: rank 1 has one element of ``DOWN`` moved by
     one ulp; rank 2 has another element of ``DOWN`` moved and row 5 of ``EMBED`` overwritten."""
-    from ..serving.worker import load_model
-
     state = {k: v.detach().clone() for k, v in load_model("random:0").state_dict().items()}
     if rank in (1, 2):
         flat = state[DOWN].view(-1)

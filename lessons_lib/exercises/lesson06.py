@@ -15,8 +15,8 @@ import functools
 from ..serving.policies import LeastOutstanding, PrefixCacheAware, block_hashes, make_policy
 from ..serving.protocol import Request
 from ..serving.simulate import TraceItem, simulate
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, exercise, judge_prediction, labelled_cases, predicted_number, refuse_reference,
+                    with_hidden)
 
 # -- 06.predict_hit_rate (predict) ------------------------------------------------------------
 HIT_REQUESTS, HIT_WORKERS, HIT_SYSTEM, HIT_QUESTION, HIT_BLOCK = 12, 3, 40, 20, 16

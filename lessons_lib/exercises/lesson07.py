@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 
 from ..serving.health import ExactlyOnce, FailureDetector
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, exercise, judge_prediction, labelled_cases, predicted_number, refuse_reference,
+                    with_hidden)
 
 # -- 07.predict_detection_delay (predict) -----------------------------------------------------
 BEAT_MS, FREEZE_MS, POLL_MS, TIMEOUT_MS = 100, 2030, 20, 500

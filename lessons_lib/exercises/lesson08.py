@@ -16,8 +16,8 @@ import torch
 
 from ..serving.policies import block_hashes
 from ..serving.security import ReplayWindow, TensorOpener, TensorSealer, new_key
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, exercise, judge_prediction, labelled_cases, predicted_number, refuse_reference,
+                    with_hidden)
 
 # -- 08.predict_sealed_bytes (predict) --------------------------------------------------------
 SEAL_SHAPE, SEAL_DTYPE = (3, 5), torch.bfloat16

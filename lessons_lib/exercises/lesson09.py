@@ -15,8 +15,8 @@ from ..compression.quantization import (Int4Linear, dequantize_int4, linear_weig
 from ..comm.schedule import chunk_bounds
 from ..parallel.data import row_range, split_sizes
 from ..parallel.tensor import shard_indices
-from .check import PREDICT_TOLERANCE, Incorrect, exercise, judge_prediction, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
+from .check import (PREDICT_TOLERANCE, Incorrect, exercise, judge_prediction, labelled_cases,
+                    refuse_reference, run_ranks, with_hidden)
 
 # -- predict: the bytes one tensor-parallel rank holds for an int4 layer ------------------
 TP_RANKS, OUT_FEATURES, IN_FEATURES, GROUP_SIZE = 4, 11008, 4096, 128

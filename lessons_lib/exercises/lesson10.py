@@ -13,9 +13,7 @@ from ..caching import (BlockAllocator, KVBlockPool, OutOfBlocksError, PagedSeque
                        PrefixCache, block_hashes, blocks_needed, prefill)
 from ..caching.paged_kv import _PagedLayerView
 from ..model import ModelConfig, TinyLM, kv_cache_bytes_per_token
-from .check import Incorrect, exercise, refuse_reference
-from .check import labelled_cases, with_hidden
-from .check import judge_prediction
+from .check import Incorrect, exercise, judge_prediction, labelled_cases, refuse_reference, with_hidden
 
 # -- predict: requests admitted by a paged KV pool of a fixed size -------------------------
 BUDGET_BYTES = 2 ** 20        # 1 MiB of KV memory

@@ -12,9 +12,8 @@ from ..comm.schedule import chunk_bounds
 from ..model import ModelConfig, generate
 from ..parallel.data import (DataParallelInference, data_parallel_generate, gather_rows, local_rows,
                              row_range, split_sizes)
-from .check import Incorrect, exercise, refuse_reference, run_ranks
-from .check import labelled_cases, with_hidden
-from .check import judge_prediction
+from .check import (Incorrect, exercise, judge_prediction, labelled_cases, refuse_reference, run_ranks,
+                    with_hidden)
 
 LIBRARY = (gather_rows, DataParallelInference, data_parallel_generate, local_rows, row_range, split_sizes,
            chunk_bounds)

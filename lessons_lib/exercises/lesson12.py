@@ -18,9 +18,9 @@ import torch.distributed as dist
 from ..launch import run_distributed
 from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import ParallelLMHead, VocabParallelEmbedding, shard_indices
-from .check import (COLLECTIVES, Incorrect, exercise, judge_prediction, predicted_number, raise_if_stub,
-                    recording_collectives, refuse_reference, run_ranks)
-from .check import labelled_cases, with_hidden
+from .check import (COLLECTIVES, Incorrect, exercise, judge_prediction, labelled_cases, predicted_number,
+                    raise_if_stub, recording_collectives, refuse_reference, run_ranks, with_hidden)
+from ..model import ModelConfig, TinyLM
 
 # -- 12.predict_rank_bytes (predict) ----------------------------------------------------------
 RANK_TP = 4
@@ -29,7 +29,6 @@ RANK_CONFIG = dict(vocab_size=264, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, 
 
 
 def _model():
-    from ..model import ModelConfig, TinyLM
     torch.manual_seed(0)
     return TinyLM(ModelConfig(**RANK_CONFIG)).eval()
 

@@ -19,9 +19,11 @@ import torch.nn as nn
 from ..launch import run_distributed
 from ..parallel.pipeline import PipelineInference, execute, partition_layers, send_tensor
 from ..parallel.pipeline.p2p import TensorReceiver, decode_header, encode_header
-from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
-                    run_ranks)
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, labelled_cases, predicted_number,
+                    refuse_reference, run_ranks, with_hidden)
+from ..model import ModelConfig, TinyLM
+from ..parallel.mesh import Mesh
+from ..parallel.pipeline import build_stage
 
 # -- 13.predict_stage_bytes (predict) ---------------------------------------------------------
 PRED_STAGES, PRED_MICRO, PRED_BATCH, PRED_PROMPT, PRED_NEW = 3, 3, 6, 8, 5
@@ -31,10 +33,6 @@ PRED_CONFIG = dict(vocab_size=264, dim=128, n_layers=3, n_heads=4, n_kv_heads=2,
 
 def _stage_bytes_on_rank() -> int:
     """On every rank: generate with the library's pipeline; rank 0 counts the bytes it sends."""
-    from ..model import ModelConfig, TinyLM
-    from ..parallel.mesh import Mesh
-    from ..parallel.pipeline import build_stage
-
     torch.manual_seed(0)
     model = TinyLM(ModelConfig(**PRED_CONFIG)).eval()
     mesh = Mesh(pp=PRED_STAGES)

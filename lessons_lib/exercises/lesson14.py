@@ -20,9 +20,9 @@ from ..launch import run_distributed
 from ..parallel.data import DataParallelInference, gather_rows, local_rows, row_range, split_sizes
 from ..parallel.mesh import Mesh, groups_along, mesh_grid
 from ..parallel.pipeline import generate_on_mesh
-from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, predicted_number, refuse_reference,
-                    run_ranks)
-from .check import labelled_cases, with_hidden
+from .check import (Incorrect, bytes_sent_to, exercise, judge_prediction, labelled_cases, predicted_number,
+                    refuse_reference, run_ranks, with_hidden)
+from ..model import ModelConfig, TinyLM
 
 # -- 14.predict_mesh_bytes (predict) ----------------------------------------------------------
 MESH_TP, MESH_PP, MESH_BATCH, MESH_PROMPT, MESH_NEW = 2, 2, 4, 6, 3
@@ -31,8 +31,6 @@ MESH_CONFIG = dict(vocab_size=264, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 
 
 def _mesh_bytes_on_rank() -> int:
-    from ..model import ModelConfig, TinyLM
-
     torch.manual_seed(0)
     model = TinyLM(ModelConfig(**MESH_CONFIG)).eval()
     mesh = Mesh(tp=MESH_TP, pp=MESH_PP)

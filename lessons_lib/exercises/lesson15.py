@@ -14,8 +14,8 @@ from ..engine.request import RequestStatus
 from ..engine.scheduler import SchedulerOutput
 from ..model import generate, load_tiny_lm
 from ..viz.engine import continuous_slots, static_slots
-from .check import Incorrect, exercise, judge_prediction, refuse_reference
-from .check import HIDDEN_ONLY, labelled_cases, with_hidden
+from .check import (HIDDEN_ONLY, Incorrect, exercise, judge_prediction, labelled_cases, refuse_reference,
+                    with_hidden)
 
 # -- predict: the slots static batching spends on padding --------------------------------------
 OUTPUT_LENGTHS = [5, 12, 3, 8, 20, 4, 6, 9, 2, 15]      # max_tokens of each request, in arrival order

@@ -14,8 +14,8 @@ from ..compression import load_student
 from ..model import generate, load_tiny_lm
 from ..speculative import (CoinFlipDraft, expected_speedup, expected_tokens_per_forward, greedy_verify,
                            speculative_generate)
-from .check import Incorrect, exercise, judge_prediction, predicted_number, refuse_reference
-from .check import HIDDEN_ONLY, labelled_cases, with_hidden
+from .check import (HIDDEN_ONLY, Incorrect, exercise, judge_prediction, labelled_cases, predicted_number,
+                    refuse_reference, with_hidden)
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,8 +15,9 @@ from ..engine import execute_model
 from ..model import generate, load_tiny_lm
 from ..model.generate import sample_next_token
 from ..model.kv_cache import kv_cache_bytes_per_token
-from .check import Incorrect, exercise, judge_prediction, raise_if_stub, refuse_reference, run_ranks
-from .check import HIDDEN_ONLY, labelled_cases, with_hidden
+from .check import (HIDDEN_ONLY, Incorrect, exercise, judge_prediction, labelled_cases, raise_if_stub,
+                    refuse_reference, run_ranks, with_hidden)
+from ..parallel.pipeline.p2p import recv_tensor, send_tensor, wait_all
 
 LIBRARY = (pack_kv, unpack_kv, PrefillWorker, DecodeWorker, serve_on_ranks, send_bytes, recv_bytes)
 
@@ -229,8 +230,6 @@ def _codec_on_ranks(codec, prompt_len: int, decode_steps: int):
     """Rank 0 prefills a prompt on the real model and packs it with the learner's codec; rank 1 unpacks it
     into its own scattered blocks and decodes. Returns rank 1's tokens."""
     import torch.distributed as dist
-
-    from ..parallel.pipeline.p2p import recv_tensor, send_tensor, wait_all
 
     torch.set_num_threads(1)
     model = _model()

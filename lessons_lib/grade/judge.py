@@ -21,6 +21,7 @@ from ..exercises.check import (CHECK_LIMIT_S, CORRECT, HISTORY, INCORRECT, NOT_A
                                NotCorrect, evaluate)
 from ..launch.pool import caller_sys_path
 from .processes import job_env, run_python
+from ..launch._pickle import dumps, loads
 
 ERROR = "error"             # the answer could not be judged: see the message
 STATUSES = (CORRECT, INCORRECT, NOT_ATTEMPTED, ERROR)
@@ -35,8 +36,6 @@ def judge_limit(count: int) -> float:
 
 def export(answers: dict[str, object]) -> dict[str, tuple]:
     """Each answer as ``("ok", pickled bytes)``, or ``("error", why)`` when it cannot travel."""
-    from ..launch._pickle import dumps
-
     payload = {}
     for exercise_id, answer in answers.items():
         try:
@@ -100,8 +99,6 @@ def assert_correct(exercise_id: str, candidate, isolated: bool = True) -> None:
 
 
 def main() -> int:
-    from ..launch._pickle import loads
-
     payload = pickle.loads(sys.stdin.buffer.read())
     out = sys.stdout
     sys.stdout = sys.stderr       # what an answer prints must not look like a verdict line

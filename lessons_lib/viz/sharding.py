@@ -23,7 +23,9 @@ from functools import partial
 
 import ipywidgets as widgets
 
+from ..model import ModelConfig
 from ..parallel.data import split_sizes
+from ..parallel.pipeline.partition import partition_layers
 from ..parallel.tensor import shard_indices
 from ..validate import check_choice, check_int
 from .explorer import Explorer
@@ -56,13 +58,7 @@ def _ranges(indices) -> tuple:
 
 
 def _pp_stages(n_layers: int, pp: int) -> list[range]:
-    try:   # the pipeline package's own partition, when it is there
-        from ..parallel.pipeline.partition import partition_layers
-        return partition_layers(n_layers, pp)
-    except ImportError:
-        sizes = split_sizes(n_layers, pp)
-        starts = [sum(sizes[:i]) for i in range(pp)]
-        return [range(s, s + n) for s, n in zip(starts, sizes)]
+    return partition_layers(n_layers, pp)
 
 
 def sharding_layout(strategy: str, world_size: int, config=None, batch: int = 8) -> dict:
@@ -76,7 +72,6 @@ def sharding_layout(strategy: str, world_size: int, config=None, batch: int = 8)
     check_int("world_size", world_size, low=1)
     check_int("batch", batch, low=1)
     if config is None:
-        from ..model import ModelConfig
         config = ModelConfig()
     config = getattr(config, "config", config)
     p, c, hd = world_size, config, config.head_dim

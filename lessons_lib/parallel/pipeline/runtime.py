@@ -32,7 +32,7 @@ from ...validate import bad, check_choice, check_int
 from .inflight import decode_in_flight
 from .p2p import TensorReceiver, send_tensor, wait_all
 from .partition import microbatch_sizes
-from .schedule import SCHEDULES, Action, Schedule, make_schedule
+from .schedule import SCHEDULES, Schedule, make_schedule
 
 
 def execute(schedule: Schedule, stage_index: int, compute: Callable[[int, torch.Tensor], torch.Tensor],
