@@ -29,7 +29,7 @@ from lessons_lib.disaggregation import (CostModel, DecodeWorker, KVTransfer, Pre
 from lessons_lib.engine import LLMEngine, SamplingParams
 from lessons_lib.launch import run_distributed
 from lessons_lib.model import load_tiny_lm
-from lessons_lib.throughput import H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S, critical_batch
+from lessons_lib.sizing import H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S, critical_batch
 from _ratios import print_ratios
 
 ROUNDS = 3

@@ -2,10 +2,9 @@
 
 import pytest
 
-from lessons_lib.budget import (INFINIBAND_NDR, LAYOUTS, NVLINK4, PARTS, Layout, Link, budget_table,
-                                dp_against_tp, laptop_link, loopback_alpha_beta, step_budget)
-from lessons_lib.memory import LLAMA2_7B, LLAMA2_70B, kv_cache_bytes, weight_bytes
-from lessons_lib.throughput import H100_SXM_HBM_BYTES_PER_S
+from lessons_lib.sizing import (H100_SXM_HBM_BYTES_PER_S, INFINIBAND_NDR, LAYOUTS, LLAMA2_7B, LLAMA2_70B, NVLINK4,
+                                PARTS, Layout, Link, budget_table, dp_against_tp, kv_cache_bytes, laptop_link,
+                                loopback_alpha_beta, step_budget, weight_bytes)
 
 pytestmark = pytest.mark.lesson01
 TP8, TP4_PP2, TP16 = LAYOUTS

@@ -5,7 +5,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from lessons_lib.memory import (GiB, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, activation_bytes, fits,
+from lessons_lib.sizing import (GiB, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, activation_bytes, fits,
                                 kv_cache_bytes, memory_per_device, usable_bytes, weight_bytes)
 from lessons_lib.viz.memory import MemoryCalculator, memory_report
 

@@ -2,13 +2,11 @@
 
 import pytest
 
-import lessons_lib.throughput as throughput
-from lessons_lib.memory import LLAMA2_70B, weight_bytes
+import lessons_lib.sizing.throughput as throughput
 from lessons_lib.model import load_tiny_lm
-from lessons_lib.throughput import (H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S, batch_sweep,
-                                    critical_batch, dispatch_s, decode_floor_s,
-                                    fixed_and_per_sequence, operators_per_decode_step,
-                                    weight_read_s)
+from lessons_lib.sizing import (H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S, LLAMA2_70B, batch_sweep,
+                                critical_batch, decode_floor_s, dispatch_s, fixed_and_per_sequence,
+                                operators_per_decode_step, weight_bytes, weight_read_s)
 
 pytestmark = pytest.mark.lesson01
 

@@ -8,7 +8,7 @@ from lessons_lib.compression import (QuantizedKVCache, QuantizedLayerKVCache, ca
                                      gptq_quantize, kv_bytes_per_token, kv_tokens_per_gib,
                                      plant_outlier_channels, relative_error, round_to_nearest, smooth,
                                      smoothing_factors, w8a8_linear, with_kv_cache_dtype)
-from lessons_lib.memory import LLAMA2_7B, LLAMA2_70B, kv_cache_bytes
+from lessons_lib.sizing import LLAMA2_7B, LLAMA2_70B, kv_cache_bytes
 from lessons_lib.model import ModelConfig, generate
 from lessons_lib.validate import BadArgument
 from tests.models import tiny_lm

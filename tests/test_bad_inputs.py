@@ -18,14 +18,13 @@ from lessons_lib.cluster.multinode import torchrun_command
 from lessons_lib.cluster.placement import check_plan, cross_node_bytes_per_token, place_ranks
 from lessons_lib.comm.cost_model import (bus_bandwidth, crossover_bytes, fit_alpha_beta, predict_all_reduce,
                                          predict_ring_all_reduce, ring_all_reduce_terms, time_all_reduce)
-from lessons_lib.memory import LLAMA2_70B, LLMShape, fits, kv_cache_bytes, memory_per_device
 from lessons_lib.model import (KVCache, LayerKVCache, ModelConfig, TinyLM, generate, kv_cache_bytes_per_token,
                                mean_nll, random_windows, sample_next_token)
 from lessons_lib.model.perplexity import corpus_splits
 from lessons_lib.parallel.mesh import groups_along, mesh_grid, mesh_sizes
 from lessons_lib.parallel.plan import parallelize, validate_tp
 from lessons_lib.parallel.tensor import shard_indices
-from lessons_lib.throughput import batch_sweep
+from lessons_lib.sizing import LLAMA2_70B, LLMShape, batch_sweep, fits, kv_cache_bytes, memory_per_device
 from lessons_lib.tokenizer import ByteTokenizer
 from lessons_lib.validate import BadArgument
 from lessons_lib.viz.kv_blocks import block_timeline

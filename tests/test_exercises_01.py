@@ -103,7 +103,7 @@ def memory_no_v(shape, batch, context, devices, strategy, bytes_per_value):
 
 
 def memory_by_the_library(shape, batch, context, devices, strategy, bytes_per_value):
-    from lessons_lib.memory import memory_per_device
+    from lessons_lib.sizing import memory_per_device
     need = memory_per_device(shape, batch=batch, context=context, devices=devices, strategy=strategy)
     return need["weights"], need["kv_cache"]
 

@@ -181,7 +181,7 @@ def layout_as_list(*args):
 
 
 def layout_by_the_library(shape, gpus, device_gib, context, sequences):
-    from lessons_lib.memory import fits, memory_per_device
+    from lessons_lib.sizing import fits, memory_per_device
     need = memory_per_device(shape, batch=sequences, context=context, devices=gpus,
                              strategy="tensor")
     return (gpus, 1) if fits(need, device_gib, headroom=0.1) else None

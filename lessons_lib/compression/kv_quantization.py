@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..memory import LLMShape, kv_cache_bytes
+from ..sizing import LLMShape, kv_cache_bytes
 from ..model import KVCache, LayerKVCache
 from ..validate import bad, check_choice, check_int
 from .fp8 import FP8_FORMATS, fp8_max
@@ -132,7 +132,7 @@ def with_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str) -> nn.Module:
 def kv_bytes_per_token(shape: LLMShape, kv_cache_dtype: str = "bf16") -> float:
     """KV-cache bytes per token of a real model's ``shape``: codes, plus scales for 8-bit caches.
 
-    bf16 is ``lessons_lib.memory.kv_cache_bytes``; an 8-bit cache holds one byte per element and a
+    bf16 is ``lessons_lib.sizing.kv_cache_bytes``; an 8-bit cache holds one byte per element and a
     bfloat16 scale per (layer, KV head, K or V), ``head_dim`` elements sharing each scale.
     """
     check_choice("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)

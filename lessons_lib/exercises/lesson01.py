@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ..memory import (LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, activation_bytes, fits, kv_cache_bytes,
+from ..sizing import (LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, activation_bytes, fits, kv_cache_bytes,
                       memory_per_device, weight_bytes)
 from ..model import KVCache, ModelConfig, TinyLM, generate, kv_cache_bytes_per_token, load_tiny_lm
 from .check import Incorrect, exercise, labelled_cases, refuse_reference, with_hidden

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..launch import run_distributed
-from ..memory import (LLAMA2_13B, LLAMA2_70B, GiB, activation_bytes, fits, kv_cache_bytes,
+from ..sizing import (LLAMA2_13B, LLAMA2_70B, GiB, activation_bytes, fits, kv_cache_bytes,
                       memory_per_device, weight_bytes)
 from ..parallel.plan import parallelize, tiny_lm_tp_plan
 from ..parallel.tensor import (ColumnParallelLinear, RowParallelLinear, all_reduce_sum,

@@ -6,8 +6,7 @@ import functools
 
 import ipywidgets as w
 
-from ..budget import LAYOUTS, PART_LABELS, PARTS, budget_table
-from ..memory import LLAMA2_70B, LLMShape
+from ..sizing import LAYOUTS, LLAMA2_70B, PART_LABELS, PARTS, LLMShape, budget_table
 from ..validate import bad
 from .explorer import Explorer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as w
 import matplotlib.pyplot as plt
 
-from ..memory import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memory_per_device
+from ..sizing import DTYPE_BYTES, GiB, REFERENCE_SHAPES, STRATEGIES, fits, memory_per_device
 from ..validate import check_choice, check_real
 from .explorer import Explorer
 

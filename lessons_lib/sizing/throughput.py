@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from .model import generate
-from .validate import bad, check_int, check_real
+from ..model import generate
+from ..validate import bad, check_int, check_real
 
 # NVIDIA H100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h100/),
 # "GPU memory bandwidth": H100 SXM 3.35 TB/s (H100 NVL: 3.9 TB/s).

@@ -20,7 +20,7 @@ kernel launches, no overlap of communication with compute, one ring per all-redu
 
 Hardware figures, each with its source:
 
-* H100 SXM: HBM 3.35 TB/s and about 990 dense bf16 TFLOP/s (:mod:`lessons_lib.throughput`).
+* H100 SXM: HBM 3.35 TB/s and about 990 dense bf16 TFLOP/s (:mod:`lessons_lib.sizing.throughput`).
 * NVLink 4 on H100 SXM: 900 GB/s total per GPU, so 450 GB/s each way (NVIDIA H100 datasheet).
 * InfiniBand NDR: 400 Gb/s per port = 50 GB/s each way (NVIDIA Quantum-2 / ConnectX-7 pages).
 * Latencies: NCCL's own tuning model (``src/graph/tuning.cc``) estimates a ring all-reduce with
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm.cost_model import INFINIBAND_NDR_GBIT_S, NVLINK4_H100_GB_S, ring_all_reduce_terms
+from ..comm.cost_model import INFINIBAND_NDR_GBIT_S, NVLINK4_H100_GB_S, ring_all_reduce_terms
 from .memory import DTYPE_BYTES, LLMShape, kv_cache_bytes, weight_bytes
 from .throughput import H100_SXM_BF16_FLOPS, H100_SXM_HBM_BYTES_PER_S
-from .validate import bad, check_choice, check_int, check_real, check_str
+from ..validate import bad, check_choice, check_int, check_real, check_str
 
 __all__ = ["INFINIBAND_NDR", "LAYOUTS", "NVLINK4", "PARTS", "PART_LABELS", "Layout", "Link", "budget_table",
            "dp_against_tp", "laptop_link", "loopback_alpha_beta", "step_budget"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .validate import bad, check_choice, check_int, check_real, check_str
+from ..validate import bad, check_choice, check_int, check_real, check_str
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 STRATEGIES = ("single", "data", "tensor", "pipeline")
