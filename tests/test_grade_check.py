@@ -3,6 +3,7 @@ assert_correct judging in a fresh process, outside the notebook's namespace."""
 
 import importlib
 import threading
+import time
 
 import pytest
 
@@ -73,6 +74,11 @@ def test_an_endless_single_process_answer_is_stopped_with_a_verdict(monkeypatch,
         worker.join(30)
     assert box["result"].status == "incorrect"
     assert "ran for more than 1 s" in box["result"].message
+    # The endless answer itself was stopped, not left spinning on the interpreter lock.
+    deadline = time.monotonic() + 10
+    while any(t.name == "check" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "check"]
 
 
 NAMESPACE_SOURCE = '''

@@ -23,6 +23,7 @@ For grading, verdicts are data (:class:`CheckResult`), not printed text:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import math
@@ -106,8 +107,11 @@ def _bounded(call: Callable, seconds: float):
     """``call()``, raising :class:`_OverTime` once it has run ``seconds``.
 
     In the main thread an alarm interrupts the answer itself. Elsewhere (a widget callback, a
-    thread of the learner's) no signal can reach it: the call runs in a daemon thread that is
-    left behind when it overruns, and the verdict still comes on time.
+    thread of the learner's) no signal can reach it: the call runs in a daemon thread, and when it
+    overruns, the verdict comes on time and :class:`_OverTime` is raised inside that thread too
+    (CPython's ``PyThreadState_SetAsyncExc``), so an endless Python loop stops rather than spin
+    on, holding the interpreter lock, for the rest of the session. (A call blocked inside C code
+    sees it only when it returns to Python.)
     """
     if threading.current_thread() is threading.main_thread():
         with _time_limit(seconds):
@@ -124,6 +128,7 @@ def _bounded(call: Callable, seconds: float):
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_OverTime))
         raise _OverTime()
     if "error" in box:
         raise box["error"]
