@@ -48,13 +48,16 @@ browser:
 	command -v chromium >/dev/null || echo "chromium is not installed: tests/test_browser.py will skip"
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests notebooks $(PYTEST_NB)
+	$(BIN)/python -m pytest -q -m "not handouts" tests notebooks $(PYTEST_NB)
 
 # The handouts run top to bottom: every solutions/ notebook (its checks pass on real ranks) and every
-# exercises/ notebook (its stubs say "not attempted"). `make test` judges the same answers and stubs
-# through tests/test_exercises_NN.py; .ci/run runs this after it.
+# exercises/ notebook (its stubs say "not attempted"); then a fake class is graded end to end, by
+# `python -m lessons_lib.grade` and by nbgrader, and the solutions on ranks pass the hidden cases.
+# `make test` judges the same answers and stubs through tests/test_exercises_NN.py; .ci/run runs
+# this after it.
 test-handouts: $(STAMP)
 	$(BIN)/python -m pytest -q solutions exercises $(PYTEST_NB)
+	$(BIN)/python -m pytest -q -m handouts tests
 
 # Every step of the browser test on every lesson with a widget (make test opens them all and runs one).
 test-browser: $(STAMP) browser

@@ -97,6 +97,7 @@ def graded(tmp_path_factory):
     return base / "grades", before
 
 
+@pytest.mark.handouts
 def test_the_grade_table_is_the_expected_one(graded):
     out, _ = graded
     assert read_grades(out / "grades.csv") == EXPECTED
@@ -105,6 +106,7 @@ def test_the_grade_table_is_the_expected_one(graded):
     assert points == {s: (str(v.count(C)), "3") for s, v in EXPECTED.items()}
 
 
+@pytest.mark.handouts
 def test_the_markdown_report_gives_totals_and_each_hint(graded):
     out, _ = graded
     text = (out / "grades.md").read_text()
@@ -115,6 +117,7 @@ def test_the_markdown_report_gives_totals_and_each_hint(graded):
     assert "you predicted 30 bytes" in text
 
 
+@pytest.mark.handouts
 def test_grading_leaves_no_kernel_or_rank_behind(graded):
     from lessons_lib.grade.processes import TAG_ENV
 
@@ -129,6 +132,7 @@ def test_grading_leaves_no_kernel_or_rank_behind(graded):
     assert not left
 
 
+@pytest.mark.handouts
 def test_the_executed_notebooks_are_kept_for_the_instructor(graded):
     out, _ = graded
     nb = nbformat.read(out / "notebooks" / "rebinds_check" / f"{LESSON}.ipynb", as_version=4)
@@ -138,6 +142,7 @@ def test_the_executed_notebooks_are_kept_for_the_instructor(graded):
 DELETES = "import os, shutil\nshutil.rmtree(os.path.dirname(os.getcwd()))   # the grader's scratch folder\n"
 
 
+@pytest.mark.handouts
 def test_missing_broken_and_self_deleting_notebooks(tmp_path):
     from lessons_lib.grade.classroom import grade_class
 

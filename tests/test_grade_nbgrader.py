@@ -4,8 +4,8 @@ and the fake class of tests/test_grade_class.py is autograded with the expected 
 Four of the six students are autograded (each costs a kernel and a fresh process per check):
 the all-correct student adds nothing that the others' correct answers do not show, and a hanging
 cell is nbgrader's own business (it interrupts the cell after ``Execute.timeout`` and goes on).
-The end-to-end test needs nbgrader (``pip install -e '.[instructor]'``, which ``make test``
-does); without it, it skips and says so.
+The end-to-end tests need nbgrader (``pip install -e '.[instructor]'``, which the test targets
+do) and run in ``make test-handouts``; without nbgrader they skip and say so.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _nbgrader(course: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
     pytest.importorskip("nbgrader", reason="nbgrader is not installed: pip install -e '.[instructor]' "
-                                           "(make test installs it)")
+                                           "(make test-handouts installs it)")
     course = tmp_path_factory.mktemp("course")
     write_course(course, "lab1", [LESSON])
     _nbgrader(course, "generate_assignment", "lab1")
@@ -98,6 +98,7 @@ def course(tmp_path_factory):
     return course
 
 
+@pytest.mark.handouts
 def test_the_release_equals_exercises_in_content(course):
     release = nbformat.read(course / "release" / "lab1" / f"{LESSON}.ipynb", as_version=4)
     exercise = nbformat.read(ROOT / "exercises" / f"{LESSON}.ipynb", as_version=4)
@@ -114,6 +115,7 @@ EXPECTED_SCORES = {
 }
 
 
+@pytest.mark.handouts
 def test_autograde_scores_each_student_as_expected(course):
     from nbgrader.api import Gradebook
 
@@ -124,6 +126,7 @@ def test_autograde_scores_each_student_as_expected(course):
     assert scores == EXPECTED_SCORES
 
 
+@pytest.mark.handouts
 def test_feedback_carries_the_hint(course):
     feedback = (course / "feedback" / "one_wrong" / "lab1" / f"{LESSON}.html").read_text()
     assert "you predicted 30 bytes" in feedback
