@@ -10,7 +10,7 @@ from .validate import check_real
 
 def show_source(obj) -> None:
     """Display the source of a library function or class, highlighted, in a notebook."""
-    from IPython.display import Markdown, display
+    from IPython.display import Markdown, display   # here: ranks import this module, IPython is slow to load
 
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
 

@@ -171,11 +171,17 @@ def test_keyboard_interrupt_stops_all_ranks():
         time.sleep(60)
 
     run_distributed(rank_and_pid, 2)  # warm, so the interrupt lands while waiting on the call
+    # A process started in the background by a shell without job control ignores SIGINT from the
+    # start, and Python then installs no handler: give this test Python's own, as in a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     start = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        run_distributed(sleeps, 2, timeout=120)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_distributed(sleeps, 2, timeout=120)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - start < 50  # well before the 60 s sleep ends
     assert live_children() == []
 

@@ -119,7 +119,7 @@ def overlap_timeline(numel: int = 1 << 20, matrix: int = 128, iters: int | None 
 
 def plot_timeline(timelines: list[dict], ax=None):
     """Draw each rank's blocking and overlapped runs as horizontal bars; return the axes."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * 2 * len(timelines)))

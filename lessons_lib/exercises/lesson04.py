@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ..cluster.placement import Placement, cross_node_bytes_per_token, place_ranks
 from ..cluster.sharded_loading import expected_bytes_per_rank, load_tp_shard, shard_bounds, split_dim
@@ -357,8 +358,6 @@ def _uneven_case(candidate, path) -> None:
 
 @exercise("04.shard_loader", "stretch: fix a sharded checkpoint loader")
 def check_shard_loader(candidate):
-    from safetensors.torch import save_file
-
     refuse_reference(candidate, load_tp_shard, split_dim, shard_bounds, expected_bytes_per_rank, _expected_slice)
     raise_if_stub(candidate)
     full = shard_checkpoint_state()

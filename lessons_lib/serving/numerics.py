@@ -18,6 +18,8 @@ arithmetic (addition is commutative); only associativity, ``(a + b) + c`` vs ``a
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..validate import bad, check_int
@@ -73,8 +75,6 @@ def batch_variance(model, batch_sizes=(1, 2, 4, 8, 16, 32), seed: int = 0, dtype
     Request 0's token is the same in every batch; the others are random. Its logits are compared
     bitwise with those it gets alone (batch 1). ``model`` is not modified (a copy is cast).
     """
-    import copy
-
     if not isinstance(model, torch.nn.Module):
         raise bad("model", model, "an nn.Module taking (batch, seq) token ids")
     sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple, range)) else None

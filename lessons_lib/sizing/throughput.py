@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import generate
 from ..validate import bad, check_int, check_real
@@ -92,8 +93,6 @@ def operators_per_decode_step(model, batch: int = 1, prompt_len: int = 16) -> in
     Each one costs a fixed dispatch from Python and PyTorch whatever the tensor sizes; for a model
     whose tensors are tiny that fixed cost is most of the step.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     check_int("batch", batch, low=1)
     check_int("prompt_len", prompt_len, low=1)
 
@@ -175,7 +174,7 @@ def fixed_and_per_sequence(rows: list[dict]) -> tuple[float, float]:
 
 def plot_sweep(rows: list[dict], ax=None):
     """Throughput (left axis) and latency (right axis) against batch size."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.2))

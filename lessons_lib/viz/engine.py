@@ -95,7 +95,7 @@ def record_run(engine, arrivals, max_steps: int = 10_000) -> list[dict]:
 
 
 def _colours(request_ids: list[str]) -> dict:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     cmap = plt.get_cmap("tab20")
     return {rid: cmap(i % 20) for i, rid in enumerate(request_ids)}
@@ -118,7 +118,7 @@ def step_summary(snap: dict) -> str:
 
 def draw_engine_step(snap: dict, ax=None, columns: int = 12):
     """Draw one snapshot: the block grid coloured by request, cached free blocks hatched."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     check_int("columns", columns, low=1)
     if ax is None:
@@ -192,7 +192,7 @@ def continuous_slots(snapshots: list[dict], num_slots: int) -> list[list]:
 
 def draw_slots(grid: list[list], ax=None, title: str = ""):
     """Draw a slot grid: one row per batch slot, one column per step, colour = request, grey = padding."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 2))

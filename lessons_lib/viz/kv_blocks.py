@@ -77,7 +77,7 @@ def block_timeline(events: list[tuple], num_blocks: int = 16, block_size: int = 
 
 def draw_blocks(snapshot: dict, ax=None, columns: int = 8):
     """Draw the physical blocks as a grid: colour = owner, text = owner and tokens used."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3))

@@ -15,7 +15,7 @@ from .explorer import Explorer
 
 def draw_placement(placement, ax=None, title: str = ""):
     """One cell per device; colour = TP group, text = rank and pipeline stage."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     grid = placement_grid(placement)
     if ax is None:

@@ -57,7 +57,7 @@ def draw_queues(data: dict, ax) -> None:
 
 def plot_queues(result, t_window: tuple[float, float] | None = None, ax=None):
     """:func:`draw_queues` of one run on a new pyplot figure (or ``ax``); returns the figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 2.8))
@@ -68,7 +68,7 @@ def plot_queues(result, t_window: tuple[float, float] | None = None, ax=None):
 
 def plot_latency(summaries, ax=None):
     """Bars of p50 and p99 latency per policy (``summaries``: list of ``SimResult.summary()``)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 2.8))

@@ -48,7 +48,7 @@ def draw_ring(frame: dict, ax=None):
     Chunk labels are the chunk's index under its box (``c0`` ... for up to four ranks, bare
     digits beyond), sized so that neighbouring labels never touch up to p = 8.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
     from matplotlib import cm
 
     p = frame["p"]

@@ -121,7 +121,7 @@ def sharding_layout(strategy: str, world_size: int, config=None, batch: int = 8)
 
 def draw_layout(layout: dict, ax=None):
     """Draw each tensor as a bar with one lane per rank, coloured where that rank holds it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
     from matplotlib.patches import Rectangle
 
     rows = layout["tensors"] + [layout["batch"]]

@@ -57,7 +57,7 @@ def round_summary(record: dict, decode=None) -> str:
 def draw_round(record: dict, ax=None, decode=None, context_chars: int = 12):
     """Draw one round: the last ``context_chars`` tokens of context, the proposals with the
     target's verdicts under them, and the token the target emitted."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
     from matplotlib.patches import Rectangle
 
     cells = round_cells(record)

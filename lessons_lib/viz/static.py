@@ -13,6 +13,7 @@ import base64
 import io
 
 import ipywidgets as widgets
+from matplotlib.figure import Figure
 
 
 def figure_png(fig, dpi: int = 80) -> bytes:
@@ -22,11 +23,9 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
-def figure_of(draw, figsize, ncols: int = 1) -> "matplotlib.figure.Figure":  # noqa: F821
+def figure_of(draw, figsize, ncols: int = 1) -> Figure:
     """A figure made without pyplot (so no backend shows it), drawn by ``draw(ax)`` (or
     ``draw(axes)``, a row of ``ncols`` axes)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=figsize)
     draw(fig.subplots(1, ncols))
     fig.tight_layout()
@@ -48,7 +47,7 @@ class FallbackBox(widgets.VBox):
         picture = self._picture() if self._picture is not None else None
         if picture is None or isinstance(picture, bytes):
             return picture
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
 
         png = figure_png(picture)
         plt.close(picture)   # a pyplot figure would otherwise show again below the cell
