@@ -67,7 +67,7 @@ class BudgetCalculator(Explorer):
         if not isinstance(shape, LLMShape):
             raise bad("shape", shape, "an LLMShape, e.g. LLAMA2_70B")
         layouts = tuple(layouts)
-        wide = {"layout": w.Layout(width="100%"), "style": {"description_width": "110px"}}
+        wide = {"layout": w.Layout(width="100%"), "style": {"description_width": "130px"}}
         controls = {
             "batch": w.IntSlider(value=batch, min=1, max=512, description="batch", **wide),
             "prompt": w.IntSlider(value=prompt, min=128, max=32768, step=128, description="prompt tokens", **wide),
