@@ -116,6 +116,10 @@ def test_explorer_recomputes_data_words_and_picture_on_every_change():
     assert ex.children[-1] is ex.output and ex.data["n"] == 8 + 49 % 30
     ex.controls["n"].value = 7   # refused: the last data and picture stay, the reason is shown
     assert ex.data["n"] == 8 + 49 % 30 and "n=7" in ex.error and "n=7" in ex.caption.value
+    refused = ex.caption.value      # another control moved, refused for the same reason: still visible
+    ex.controls["kind"].value = "line"
+    assert ex.error == "n=7 is not valid: expected anything but 7" and ex.caption.value != refused
+    assert "kind=line" in ex.caption.value
     with pytest.raises(ValueError, match="n=7"):
         Explorer(controls(7), _squares, _draw_squares, title="bad start")
     with pytest.raises(BadArgument, match="controls"):

@@ -143,7 +143,10 @@ class Explorer(FallbackBox):
         tag = "pre" if "\n" in self.text else "span"
         line = f"<{tag} class='explorer-text'>{html.escape(self.text)}</{tag}>" if self.text else ""
         if self.error:
-            line = f"<b>{html.escape(self.error)}</b>" + (f"<br>still showing: {line}" if line else "")
+            # The settings lead the reason, so every move shows, even one refused for the same reason.
+            settings = ", ".join(f"{name}={value}" for name, value in self.values().items())
+            line = (f"<b>{html.escape(settings)}: {html.escape(self.error)}</b>"
+                    + (f"<br>still showing: {line}" if line else ""))
         self.caption.value = line
 
     def _static_line(self) -> str:
