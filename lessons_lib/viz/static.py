@@ -13,7 +13,6 @@ import base64
 import io
 
 import ipywidgets as widgets
-from matplotlib.figure import Figure
 
 
 def figure_png(fig, dpi: int = 80) -> bytes:
@@ -23,20 +22,11 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
-def figure_of(draw, figsize, ncols: int = 1) -> Figure:
-    """A figure made without pyplot (so no backend shows it), drawn by ``draw(ax)`` (or
-    ``draw(axes)``, a row of ``ncols`` axes)."""
-    fig = Figure(figsize=figsize)
-    draw(fig.subplots(1, ncols))
-    fig.tight_layout()
-    return fig
-
-
 class FallbackBox(widgets.VBox):
     """A ``VBox`` that leaves a static picture and a line of text for readers without a kernel.
 
-    ``picture()`` returns the figure the widget shows now (a matplotlib ``Figure``, PNG bytes or
-    ``None``); ``text()`` a line saying what it shows (default: the title).
+    ``picture()`` returns the PNG bytes of what the widget shows now (or ``None``); ``text()`` a
+    line saying what it shows (default: the title).
     """
 
     def __init__(self, children=(), *, title: str, picture=None, text=None, **kwargs):
@@ -44,14 +34,7 @@ class FallbackBox(widgets.VBox):
         self._fallback_title, self._picture, self._text = title, picture, text
 
     def static_png(self) -> bytes | None:
-        picture = self._picture() if self._picture is not None else None
-        if picture is None or isinstance(picture, bytes):
-            return picture
-        import matplotlib.pyplot as plt   # here, not at the top: ranks import this module and never draw
-
-        png = figure_png(picture)
-        plt.close(picture)   # a pyplot figure would otherwise show again below the cell
-        return png
+        return self._picture() if self._picture is not None else None
 
     def static_text(self) -> str:
         line = self._text() if self._text is not None else ""
